@@ -1,0 +1,1 @@
+"""ewtune_tf.accounting (placeholder; filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""ewtune_tf.audit (placeholder; filled in by its issue)."""

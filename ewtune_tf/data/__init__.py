@@ -1,0 +1,1 @@
+"""ewtune_tf.data (placeholder; filled in by its issue)."""

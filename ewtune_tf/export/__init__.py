@@ -1,0 +1,1 @@
+"""ewtune_tf.export (placeholder; filled in by its issue)."""

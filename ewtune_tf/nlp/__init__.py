@@ -1,0 +1,1 @@
+"""ewtune_tf.nlp (placeholder; filled in by its issue)."""

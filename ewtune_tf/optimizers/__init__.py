@@ -1,0 +1,1 @@
+"""ewtune_tf.optimizers (placeholder; filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""ewtune_tf.tfx (placeholder; filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""ewtune_tf.training (placeholder; filled in by its issue)."""
