@@ -1,1 +1,36 @@
-"""ewtune_tf.accounting (placeholder; filled in by its issue)."""
+"""Edgeworth privacy accountant for DP-SGD (pure numpy/scipy/dp_accounting).
+
+Public API:
+  compute_epsilon, compute_delta        -> EpsilonResult / DeltaResult
+  calibrate_noise_multiplier            -> CalibrationResult
+  steps_and_sampling_probability        (num_examples, batch_size, epochs) -> (q, steps)
+  EdgeworthAccountant                   dp_accounting.PrivacyAccountant subclass
+  ExpansionInvalidError                 raised by the plain Edgeworth solver
+
+Every epsilon reported with certify=True (the default) is a proven upper bound
+(dp_accounting's pessimistic PLD); estimates are labelled as such.
+"""
+
+from ewtune_tf.accounting.accountant import EdgeworthAccountant
+from ewtune_tf.accounting.api import DeltaResult
+from ewtune_tf.accounting.api import EpsilonResult
+from ewtune_tf.accounting.api import compute_delta
+from ewtune_tf.accounting.api import compute_epsilon
+from ewtune_tf.accounting.calibration import CalibrationResult
+from ewtune_tf.accounting.calibration import calibrate_noise_multiplier
+from ewtune_tf.accounting.calibration import steps_and_sampling_probability
+from ewtune_tf.accounting.edgeworth import ExpansionInvalidError
+from ewtune_tf.accounting.tilted import TiltedInvalidError
+
+__all__ = [
+    "CalibrationResult",
+    "DeltaResult",
+    "EdgeworthAccountant",
+    "EpsilonResult",
+    "ExpansionInvalidError",
+    "TiltedInvalidError",
+    "calibrate_noise_multiplier",
+    "compute_delta",
+    "compute_epsilon",
+    "steps_and_sampling_probability",
+]
