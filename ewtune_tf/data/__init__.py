@@ -1,1 +1,23 @@
-"""ewtune_tf.data (placeholder; filled in by its issue)."""
+"""Sampling for private training: Poisson logical batches (what the
+accountant assumes) and shuffled fixed-size batches (recorded as such).
+
+Layer 3: imports TensorFlow (and scipy for the overflow bound).
+"""
+
+from ewtune_tf.data.poisson import (
+    PoissonBatches,
+    auto_max_batch_size,
+    overflow_probability_bound,
+    poisson_batches,
+    shuffled_batches,
+    steps_per_epoch,
+)
+
+__all__ = [
+    "PoissonBatches",
+    "auto_max_batch_size",
+    "overflow_probability_bound",
+    "poisson_batches",
+    "shuffled_batches",
+    "steps_per_epoch",
+]

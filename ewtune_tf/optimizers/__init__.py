@@ -1,1 +1,29 @@
-"""ewtune_tf.optimizers (placeholder; filled in by its issue)."""
+"""Differentially private Keras 3 optimizers (EW-Tune).
+
+Layer 3: imports ewtune_tf.mechanism (and lazily ewtune_tf.accounting).
+"""
+
+from ewtune_tf.optimizers.dp_optimizer import (
+    EWTuneAdam,
+    EWTuneAdamW,
+    EWTuneOptimizerMixin,
+    EWTuneSGD,
+    NonPrivateStepError,
+    is_ewtune_optimizer,
+    make_ewtune_optimizer,
+    unwrap_optimizer,
+)
+from ewtune_tf.optimizers.privacy_config import PrivacyConfig, resolve_privacy_config
+
+__all__ = [
+    "EWTuneAdam",
+    "EWTuneAdamW",
+    "EWTuneOptimizerMixin",
+    "EWTuneSGD",
+    "NonPrivateStepError",
+    "PrivacyConfig",
+    "is_ewtune_optimizer",
+    "make_ewtune_optimizer",
+    "resolve_privacy_config",
+    "unwrap_optimizer",
+]

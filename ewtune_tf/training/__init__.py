@@ -1,1 +1,15 @@
-"""ewtune_tf.training (placeholder; filled in by its issue)."""
+"""Private training with Keras ``fit``: make_private and PrivacyBudget.
+
+Layer 3: imports ewtune_tf.mechanism, ewtune_tf.optimizers (and lazily
+ewtune_tf.accounting).
+"""
+
+from ewtune_tf.training.budget import PrivacyBudget
+from ewtune_tf.training.private_step import (
+    PrivateStepOptions,
+    is_private,
+    make_private,
+    private_train_step,
+)
+
+__all__ = ["PrivacyBudget", "PrivateStepOptions", "is_private", "make_private", "private_train_step"]

@@ -1,0 +1,293 @@
+"""Poisson-sampled logical batches from a finite ``tf.data`` dataset.
+
+At every step each of the N examples is included independently with
+probability q, so the batch size is Binomial(N, q) -- the sampling the
+accountant assumes. Elements are ``(x, y, sample_weight)``; an input
+``sample_weight`` is kept, otherwise it is 1 for real rows.
+
+Static shapes (XLA/TPU): with ``max_batch_size`` set (an int, or "auto"),
+every batch is padded with zero rows of weight 0 to exactly
+``max_batch_size`` rows; the private step gives weight-0 rows a loss and a
+gradient of exactly 0 and skips trailing all-padding chunks. A Poisson batch
+larger than ``max_batch_size`` is an *overflow*:
+
+* ``overflow="error"`` (default): the pipeline raises InvalidArgumentError
+  for that step, before the batch reaches the model. Nothing is released,
+  so the mechanism is unchanged; "auto" chooses the smallest size whose
+  overflow probability over the whole run is <= ``overflow_tolerance``
+  (Binomial tail, union bound over steps), reported as
+  ``overflow_probability_bound``. That probability should be counted into
+  delta (it is tiny by construction: 1e-9 by default).
+* ``overflow="truncate"``: keep a uniformly random subset of
+  ``max_batch_size`` of the sampled rows and count the event in
+  ``overflow_count``. Truncation *changes the mechanism* (adding one example
+  can evict another, so the add/remove sensitivity is no longer C); the
+  epsilon reported assumes no truncation. Avoid unless overflow_count stays 0.
+
+Secrecy: Poisson subsampling amplifies privacy only if the batch membership
+is unknown to the adversary. With ``seed=None`` (default) the sampling seed
+is drawn from the OS entropy pool (``secrets``), not from TensorFlow's
+global seed (which ``keras.utils.set_random_seed`` makes public). A fixed
+``seed`` is for tests; a warning says so. Each pass over the dataset
+(``fit`` epoch) draws fresh batches.
+
+The dataset is materialized in memory once (features must have a fixed shape
+per example: pad/tokenize first), so that each step can gather its subset.
+"""
+
+import dataclasses
+import math
+import secrets
+import warnings
+from typing import Any, Dict, Optional, Union
+
+import tensorflow as tf
+
+OVERFLOW_MODES = ("error", "truncate")
+
+
+def steps_per_epoch(sampling_probability: float) -> int:
+    """Logical steps per epoch: round(1 / q) (one expected pass over the data)."""
+    return max(1, int(round(1.0 / sampling_probability)))
+
+
+def auto_max_batch_size(num_examples: int, sampling_probability: float, total_steps: int,
+                        overflow_tolerance: float = 1e-9) -> int:
+    """Smallest M with total_steps * P[Binomial(N, q) > M] <= overflow_tolerance."""
+    from scipy import stats  # noqa: PLC0415 (only needed for padding)
+
+    n, q = int(num_examples), float(sampling_probability)
+    per_step = overflow_tolerance / max(1, int(total_steps))
+    m = int(stats.binom.isf(per_step, n, q))
+    while m < n and stats.binom.sf(m, n, q) > per_step:
+        m += 1
+    return min(max(m, 1), n)
+
+
+def overflow_probability_bound(num_examples: int, sampling_probability: float,
+                               total_steps: int, max_batch_size: int) -> float:
+    """Union bound on P[some step's Poisson batch exceeds max_batch_size]."""
+    from scipy import stats  # noqa: PLC0415
+
+    p = float(stats.binom.sf(max_batch_size, num_examples, sampling_probability))
+    return min(1.0, p * max(1, int(total_steps)))
+
+
+def _materialize(dataset: tf.data.Dataset):
+    card = int(dataset.cardinality().numpy())
+    if card == tf.data.INFINITE_CARDINALITY:
+        raise ValueError("dataset: Poisson sampling needs a finite dataset; got an infinite one.")
+    if card == tf.data.UNKNOWN_CARDINALITY:
+        card = int(dataset.reduce(0, lambda c, _: c + 1).numpy())
+    if card < 1:
+        raise ValueError("dataset: Poisson sampling needs at least one example; got 0.")
+    spec = dataset.element_spec
+    for s in tf.nest.flatten(spec):
+        if not isinstance(s, tf.TensorSpec) or not s.shape.is_fully_defined():
+            raise ValueError(
+                "dataset: every feature must be a dense tensor with a fixed shape per "
+                f"example (pad or tokenize to a fixed length first); got {s}."
+            )
+    tensors = dataset.batch(card).get_single_element()
+    return card, tensors
+
+
+def _split(element):
+    if isinstance(element, tuple):
+        if len(element) == 2:
+            return element[0], element[1], None
+        if len(element) == 3:
+            return element
+        if len(element) == 1:
+            return element[0], None, None
+    return element, None, None
+
+
+@dataclasses.dataclass
+class PoissonBatches:
+    """A Poisson-sampled dataset and the facts its privacy report needs."""
+
+    dataset: tf.data.Dataset
+    num_examples: int
+    sampling_probability: float
+    steps_per_epoch: int
+    max_batch_size: Optional[int]
+    overflow: str
+    overflow_probability_bound: float
+    overflow_count: Optional[tf.Variable]
+    seeded: bool
+
+    def report(self) -> Dict[str, Any]:
+        return {
+            "sampling": "poisson",
+            "num_examples": self.num_examples,
+            "sampling_probability": self.sampling_probability,
+            "expected_batch_size": self.sampling_probability * self.num_examples,
+            "steps_per_epoch": self.steps_per_epoch,
+            "max_batch_size": self.max_batch_size,
+            "overflow": self.overflow,
+            "overflow_probability_bound": self.overflow_probability_bound,
+            "overflow_count": None if self.overflow_count is None else int(self.overflow_count.numpy()),
+            "fixed_seed": self.seeded,
+        }
+
+
+def poisson_batches(
+    dataset: tf.data.Dataset,
+    sampling_probability: Optional[float] = None,
+    *,
+    expected_batch_size: Optional[float] = None,
+    steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    max_batch_size: Union[None, int, str] = None,
+    overflow: str = "error",
+    overflow_tolerance: float = 1e-9,
+    seed: Optional[int] = None,
+) -> PoissonBatches:
+    """Turns a finite dataset into Poisson-sampled logical batches.
+
+    Args:
+      dataset: finite dataset of ``x``, ``(x, y)`` or ``(x, y, w)`` examples.
+      sampling_probability: q in (0, 1]; or give ``expected_batch_size``
+        (q = expected_batch_size / N).
+      steps: logical steps per pass (fit epoch); default round(1 / q).
+      epochs: planned passes (only used for the overflow bound; default 1).
+      max_batch_size: None (variable-size batches, no padding), an int in
+        [1, N], or "auto" (see module docstring).
+      overflow: "error" or "truncate" (see module docstring).
+      overflow_tolerance: in (0, 1); target overflow probability for "auto".
+      seed: None (secret OS entropy; use this for real training) or an int.
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise ValueError(f"dataset must be a tf.data.Dataset; got {type(dataset).__name__}.")
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_MODES}; got {overflow!r}.")
+    if not (isinstance(overflow_tolerance, float) and 0 < overflow_tolerance < 1):
+        raise ValueError(f"overflow_tolerance must be a float in (0, 1); got {overflow_tolerance!r}.")
+    n, tensors = _materialize(dataset)
+    if (sampling_probability is None) == (expected_batch_size is None):
+        raise ValueError("Give exactly one of sampling_probability in (0, 1] or expected_batch_size in (0, N].")
+    if expected_batch_size is not None:
+        if not (isinstance(expected_batch_size, (int, float)) and 0 < expected_batch_size <= n):
+            raise ValueError(
+                f"expected_batch_size must be in (0, {n}] (the dataset size); got {expected_batch_size!r}."
+            )
+        sampling_probability = float(expected_batch_size) / n
+    q = sampling_probability
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (0 < q <= 1):
+        raise ValueError(f"sampling_probability must be in (0, 1]; got {q!r}.")
+    q = float(q)
+    if steps is None:
+        steps = steps_per_epoch(q)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}.")
+    if epochs is None:
+        epochs = 1
+    if not (isinstance(epochs, (int, float)) and epochs > 0):
+        raise ValueError(f"epochs must be > 0; got {epochs!r}.")
+    total_steps = int(math.ceil(steps * epochs))
+    if max_batch_size == "auto":
+        max_batch_size = auto_max_batch_size(n, q, total_steps, overflow_tolerance)
+    elif max_batch_size is not None and (
+        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+        or not 1 <= max_batch_size <= n
+    ):
+        raise ValueError(f"max_batch_size must be None, 'auto' or an integer in [1, {n}]; got {max_batch_size!r}.")
+    bound = 0.0 if max_batch_size is None else overflow_probability_bound(n, q, total_steps, max_batch_size)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be None or an integer; got {seed!r}.")
+        warnings.warn(
+            "poisson_batches(seed=...): batch membership is reproducible from a known "
+            "seed; privacy amplification by sampling assumes it is secret. Tests only.",
+            stacklevel=2,
+        )
+        base_seed = seed
+    else:
+        base_seed = secrets.randbits(62)
+
+    x_all, y_all, w_all = _split(tensors)
+    counter = tf.Variable(0, dtype=tf.int64, trainable=False) if (
+        max_batch_size is not None and overflow == "truncate") else None
+    m = max_batch_size
+
+    def sample(step, rnd):
+        seed2 = tf.stack([rnd, tf.cast(step, tf.int64)])
+        u = tf.random.stateless_uniform([n], seed=seed2, dtype=tf.float32)
+        idx = tf.cast(tf.where(u < q)[:, 0], tf.int32)
+        if m is not None:
+            count = tf.size(idx)
+            if overflow == "error":
+                tf.debugging.assert_less_equal(
+                    count, m,
+                    message=f"Poisson batch overflow: a sampled batch exceeds max_batch_size={m}; "
+                    "raise max_batch_size (or use 'auto').",
+                )
+            else:
+                over = count > m
+                counter.assign_add(tf.cast(over, tf.int64))
+                perm = tf.random.experimental.stateless_shuffle(
+                    idx, seed=tf.random.experimental.stateless_fold_in(seed2, 1))
+                idx = tf.cond(over, lambda: tf.sort(perm[:m]), lambda: idx)
+        k = tf.size(idx)
+
+        def take(t):
+            g = tf.gather(t, idx)
+            if m is None:
+                return g
+            pad = [[0, m - k]] + [[0, 0]] * (t.shape.rank - 1)
+            g = tf.pad(g, pad)
+            g.set_shape([m] + t.shape[1:].as_list())
+            return g
+
+        x = tf.nest.map_structure(take, x_all)
+        ones = tf.ones([n], tf.float32) if w_all is None else tf.cast(w_all, tf.float32)
+        w = take(ones)
+        if y_all is None:
+            return x, None, w
+        return x, tf.nest.map_structure(take, y_all), w
+
+    rnd = tf.data.Dataset.random(seed=base_seed, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip((tf.data.Dataset.range(steps), rnd)).map(sample)
+    if y_all is None:
+        ds = ds.map(lambda x, y, w: (x, w))  # unsupervised: (x, sample_weight) is ambiguous
+    ds = ds.prefetch(2)
+    return PoissonBatches(
+        dataset=ds,
+        num_examples=n,
+        sampling_probability=q,
+        steps_per_epoch=steps,
+        max_batch_size=max_batch_size,
+        overflow=overflow,
+        overflow_probability_bound=bound,
+        overflow_count=counter,
+        seeded=seed is not None,
+    )
+
+
+def shuffled_batches(dataset: tf.data.Dataset, batch_size: int, *, seed: Optional[int] = None,
+                     drop_remainder: bool = True) -> tf.data.Dataset:
+    """Shuffled fixed-size batches (NOT what the accountant assumes).
+
+    Construct the optimizer with ``sampling="shuffle"`` so the privacy state
+    and report record it; the epsilon reported is that of Poisson sampling
+    with q = batch_size / N, which is not a proven bound for shuffling.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+    warnings.warn(
+        "shuffled_batches: the accountant assumes Poisson sampling; epsilon for "
+        "shuffled fixed-size batches is reported under that assumption. Pass "
+        "sampling='shuffle' to the optimizer so it is recorded.",
+        stacklevel=2,
+    )
+    card = int(dataset.cardinality().numpy())
+    buffer = card if card > 0 else 10000
+    ds = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+
+    def add_weight(*e):
+        x, y, w = _split(e if len(e) > 1 else e[0])
+        w = tf.ones([], tf.float32) if w is None else tf.cast(w, tf.float32)
+        return (x, y, w) if y is not None else (x, w)
+
+    return ds.map(add_weight).batch(batch_size, drop_remainder=drop_remainder)

@@ -1,0 +1,146 @@
+"""Gaussian noise on the clipped sum, through TF Privacy's DPQuery.
+
+The clipped per-record gradients are summed by a clipping implementation
+(``ewtune_tf.mechanism.clipping``); that sum is fed to a
+``GaussianSumQuery(l2_norm_clip=C, stddev=sigma * C)`` as one *preprocessed*
+record and the query's ``get_noised_result`` adds the noise. Everything here
+is float32, whatever the model's compute dtype.
+
+Random streams. The noise must be unpredictable to an adversary, and replicas
+must draw independent noise. We therefore subclass GaussianSumQuery only to
+choose the random stream: ``tf.random.stateless_normal`` with a seed derived
+from (a) a 64-bit *process secret* drawn from the OS entropy pool
+(``secrets``) the first time it is needed, never stored in configs or
+checkpoints, (b) the private step count, (c) the global replica id and (d)
+the variable index. Distinct processes (multi-worker) differ in (a); replicas
+of one process differ in (c); steps in (b). A fixed ``noise_seed`` replaces
+(a) for reproducible tests only -- noise derived from a known seed offers no
+privacy, and the optimizer warns about it.
+
+Distributed rule (``num_replicas = R``): each replica adds noise of std
+``sigma * C / sqrt(R)`` to its *local* clipped sum; the all-reduce SUM that
+Keras performs on gradients then carries noise of std exactly ``sigma * C``
+(sum of R independent Gaussians), once per step, on the global clipped sum.
+No replica's contribution is ever left un-noised in the result (if a
+replica's streams were accidentally correlated the total std would only grow).
+
+Normalization: the noised sum is divided by the *expected* number of records
+per logical step (``q * N`` examples, or that over the microbatch size), a
+data-independent constant, never by the realised batch size.
+"""
+
+import math
+import secrets
+import threading
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from ewtune_tf.mechanism import tf_privacy
+
+_SECRET_LOCK = threading.Lock()
+_PROCESS_SECRET: Optional[int] = None
+
+
+def process_secret() -> int:
+    """A 63-bit secret from the OS entropy pool, fixed for this process."""
+    global _PROCESS_SECRET
+    with _SECRET_LOCK:
+        if _PROCESS_SECRET is None:
+            _PROCESS_SECRET = secrets.randbits(63)
+        return _PROCESS_SECRET
+
+
+def check_noise_multiplier(noise_multiplier) -> float:
+    """Validates sigma: a finite float >= 0."""
+    try:
+        s = float(noise_multiplier)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"noise_multiplier must be a finite number >= 0; got {noise_multiplier!r}."
+        ) from None
+    if not (s >= 0 and math.isfinite(s)):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0; got {noise_multiplier!r}.")
+    return s
+
+
+def noise_stddev(l2_norm_clip: float, noise_multiplier: float, num_replicas: int = 1) -> float:
+    """Per-replica noise std on the clipped sum: sigma * C / sqrt(R)."""
+    if noise_multiplier == 0:
+        return 0.0  # Also covers C = inf with sigma = 0 (0 * inf is NaN).
+    if not math.isfinite(l2_norm_clip):
+        raise ValueError(
+            "l2_norm_clip=inf with noise_multiplier > 0 gives infinite noise; "
+            "use a finite l2_norm_clip."
+        )
+    return noise_multiplier * l2_norm_clip / math.sqrt(num_replicas)
+
+
+class SeededGaussianSumQuery(tf_privacy.GaussianSumQuery):
+    """GaussianSumQuery whose noise comes from an explicit stateless seed.
+
+    ``seed`` is an int64 tensor of shape [2]; tensor ``i`` of the structure
+    gets ``fold_in(seed, i)``. Clipping and the DP event are the parent's.
+    """
+
+    def __init__(self, l2_norm_clip, stddev, seed):
+        super().__init__(l2_norm_clip, stddev)
+        self._seed = seed
+
+    def get_noised_result(self, sample_state, global_state):
+        flat = tf.nest.flatten(sample_state)
+        stddev = tf.cast(global_state.stddev, tf.float32)
+        noised = []
+        for i, v in enumerate(flat):
+            seed_i = tf.random.experimental.stateless_fold_in(self._seed, i)
+            z = tf.random.stateless_normal(tf.shape(v), seed=seed_i, dtype=tf.float32)
+            noised.append(tf.cast(v, tf.float32) + stddev * z)
+        result = tf.nest.pack_sequence_as(sample_state, noised)
+        # Accounting is done by ewtune_tf.accounting from the optimizer's
+        # privacy state (sigma, q, steps), not from DpEvents; a per-replica
+        # query's event (sigma / sqrt(R)) would mislead, so we return none.
+        from dp_accounting import dp_event  # noqa: PLC0415 (TF Privacy dep)
+
+        event = dp_event.UnsupportedDpEvent()
+        return result, global_state, event
+
+
+def make_seed(step, replica_id, noise_seed: Optional[int] = None) -> tf.Tensor:
+    """int64[2] stateless seed from the secret (or noise_seed), step, replica."""
+    base = process_secret() if noise_seed is None else int(noise_seed)
+    seed = tf.constant([base & 0x7FFFFFFFFFFFFFFF, 0x5EED], dtype=tf.int64)
+    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(step, tf.int64))
+    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
+    return seed
+
+
+def add_gaussian_noise(
+    clipped_sum: Sequence[tf.Tensor],
+    *,
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    seed: tf.Tensor,
+    num_replicas: int = 1,
+) -> list:
+    """Adds N(0, (sigma*C)^2 / R) to each tensor of the local clipped sum.
+
+    Goes through the DPQuery protocol: the sum is accumulated as one
+    preprocessed record into an empty sample state, then noised.
+    """
+    stddev = noise_stddev(float(l2_norm_clip), float(noise_multiplier), num_replicas)
+    clip_for_query = float(l2_norm_clip) if math.isfinite(l2_norm_clip) else 3.0e38
+    query = SeededGaussianSumQuery(clip_for_query, stddev, seed)
+    template = [tf.cast(g, tf.float32) for g in clipped_sum]
+    global_state = query.initial_global_state()
+    sample_state = query.initial_sample_state(template)
+    sample_state = query.accumulate_preprocessed_record(sample_state, template)
+    result, _, _ = query.get_noised_result(sample_state, global_state)
+    return list(result)
+
+
+def normalize(noised_sum: Sequence[tf.Tensor], expected_records: float) -> list:
+    """Divides by the expected number of records per logical step (a constant)."""
+    if not (expected_records > 0 and math.isfinite(expected_records)):
+        raise ValueError(f"expected batch size must be a finite number > 0; got {expected_records!r}.")
+    inv = tf.constant(1.0 / expected_records, tf.float32)
+    return [g * inv for g in noised_sum]

@@ -1,0 +1,382 @@
+"""EWTune optimizers: Keras 3 optimizers that only take private steps.
+
+``make_ewtune_optimizer(keras.optimizers.X)`` builds ``EWTuneX``, a subclass
+of X that
+
+* takes X's usual hyperparameters plus the privacy arguments of
+  :func:`ewtune_tf.optimizers.privacy_config.resolve_privacy_config`
+  (``l2_norm_clip``; ``noise_multiplier`` or ``target_epsilon`` +
+  ``target_delta`` + ``num_examples`` + ``batch_size`` + ``epochs``;
+  ``sampling_probability``; ``num_microbatches``; ``clipping``;
+  ``accountant_method``/``accountant_order``/``certify``; ``sampling``;
+  ``noise_seed``);
+* keeps the privacy state as non-trainable optimizer variables, so that it is
+  saved with the optimizer in ``.keras`` files and ``tf.train.Checkpoint``:
+  ``dp_steps`` (private steps taken: noise releases), ``dp_noise_multiplier``,
+  ``dp_sampling_probability``, ``dp_delta``, ``dp_l2_norm_clip`` (-1 = unknown),
+  ``dp_max_steps`` (budget cap set by PrivacyBudget; -1 = none), and
+  ``dp_epsilon`` / ``dp_epsilon_estimate`` (last values logged);
+* refuses ``apply``/``apply_gradients`` outside a private training step
+  (:class:`NonPrivateStepError`), so a model compiled with an EWTune optimizer
+  but not made private fails at trace time of its first step, before any
+  update. The private step (``ewtune_tf.training``) calls
+  :meth:`apply_private_gradients` with the *clipped sum*; the optimizer adds
+  the noise, normalizes by the expected batch size, checks its restored state
+  against its configuration, and applies the base update.
+
+Classes built by the factory are registered as Keras serializable under
+package ``"ewtune_tf"``; a ``.keras`` file that uses ``EWTuneRMSprop`` can be
+loaded once ``make_ewtune_optimizer(keras.optimizers.RMSprop)`` has run.
+"""
+
+import contextlib
+import math
+from typing import Dict, Optional, Sequence, Type
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ewtune_tf.mechanism import noise as noise_lib
+from ewtune_tf.optimizers.privacy_config import PrivacyConfig, resolve_privacy_config
+
+_PRIVACY_KEYS = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "target_epsilon",
+    "target_delta",
+    "num_examples",
+    "batch_size",
+    "epochs",
+    "sampling_probability",
+    "num_microbatches",
+    "clipping",
+    "accountant_method",
+    "accountant_order",
+    "certify",
+    "sampling",
+    "noise_seed",
+    "noise_multiplier_source",
+)
+
+
+class NonPrivateStepError(RuntimeError):
+    """An EWTune optimizer was asked to apply gradients outside a private step."""
+
+
+def _unknown(x: Optional[float]) -> float:
+    return -1.0 if x is None else float(x)
+
+
+class EWTuneOptimizerMixin:
+    """Privacy behaviour shared by all EWTune optimizers (see module doc)."""
+
+    def __init__(
+        self,
+        *args,
+        l2_norm_clip,
+        noise_multiplier=None,
+        target_epsilon=None,
+        target_delta=None,
+        num_examples=None,
+        batch_size=None,
+        epochs=None,
+        sampling_probability=None,
+        num_microbatches=None,
+        clipping="vectorized",
+        accountant_method="tilted",
+        accountant_order=2,
+        certify=True,
+        sampling="poisson",
+        noise_seed=None,
+        noise_multiplier_source=None,
+        **kwargs,
+    ):
+        if kwargs.get("gradient_accumulation_steps"):
+            raise ValueError(
+                "gradient_accumulation_steps is not supported by EWTune optimizers "
+                "(it would average separately noised steps); use "
+                "make_private(model, physical_batch_size=...) to process a logical "
+                "batch in chunks with noise added once."
+            )
+        # Validate (and calibrate) before building anything.
+        config = resolve_privacy_config(
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            num_examples=num_examples,
+            batch_size=batch_size,
+            epochs=epochs,
+            sampling_probability=sampling_probability,
+            num_microbatches=num_microbatches,
+            clipping=clipping,
+            accountant_method=accountant_method,
+            accountant_order=accountant_order,
+            certify=certify,
+            sampling=sampling,
+            noise_seed=noise_seed,
+            noise_multiplier_source=noise_multiplier_source,
+        )
+        super().__init__(*args, **kwargs)
+        self._privacy = config
+        self._ewtune_in_private_update = False
+        self._create_privacy_variables()
+
+    # ----------------------------------------------------------------- state
+    def _create_privacy_variables(self) -> None:
+        cfg = self._privacy
+
+        def var(name, value, dtype, aggregation="only_first_replica"):
+            # A numpy initializer keeps float64 values exact (Constant would
+            # round through float32, and the state checks compare exactly).
+            def init(shape, dtype=None, _v=value):
+                return np.full(shape, _v, dtype=dtype)
+
+            return self.add_variable(
+                shape=(),
+                initializer=init,
+                dtype=dtype,
+                aggregation=aggregation,
+                name=name,
+            )
+
+        self.dp_steps = var("dp_steps", 0, "int64")
+        self.dp_noise_multiplier = var("dp_noise_multiplier", cfg.noise_multiplier, "float64")
+        self.dp_sampling_probability = var(
+            "dp_sampling_probability", _unknown(cfg.sampling_probability), "float64"
+        )
+        self.dp_delta = var("dp_delta", _unknown(cfg.delta), "float64")
+        clip = cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0
+        self.dp_l2_norm_clip = var("dp_l2_norm_clip", clip, "float64")
+        self.dp_max_steps = var("dp_max_steps", -1, "int64")
+        self.dp_epsilon = var("dp_epsilon", -1.0, "float64")
+        self.dp_epsilon_estimate = var("dp_epsilon_estimate", -1.0, "float64")
+
+    @property
+    def privacy_config(self) -> PrivacyConfig:
+        return self._privacy
+
+    def privacy_state(self) -> Dict[str, float]:
+        """Current privacy state as Python numbers (eager only)."""
+        return {
+            "steps": int(self.dp_steps.numpy()),
+            "noise_multiplier": float(self.dp_noise_multiplier.numpy()),
+            "sampling_probability": float(self.dp_sampling_probability.numpy()),
+            "delta": float(self.dp_delta.numpy()),
+            "l2_norm_clip": float(self.dp_l2_norm_clip.numpy()),
+            "max_steps": int(self.dp_max_steps.numpy()),
+            "epsilon": float(self.dp_epsilon.numpy()),
+            "epsilon_estimate": float(self.dp_epsilon_estimate.numpy()),
+            "sampling": self._privacy.sampling,
+        }
+
+    def check_privacy_state(self) -> None:
+        """Raises ValueError if restored state disagrees with the config.
+
+        Host-side twin of the in-graph asserts of apply_private_gradients
+        (which XLA compiles away under jit_compile=True).
+        """
+        cfg = self._privacy
+        expected = {
+            "dp_noise_multiplier": cfg.noise_multiplier,
+            "dp_sampling_probability": _unknown(cfg.sampling_probability),
+            "dp_delta": _unknown(cfg.delta),
+            "dp_l2_norm_clip": cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0,
+        }
+        for name, want in expected.items():
+            got = float(getattr(self, name).numpy())
+            if got != want:
+                raise ValueError(
+                    f"Restored privacy state {name}={got} differs from this optimizer's "
+                    f"configuration ({want}): the checkpoint was written with a "
+                    "different privacy configuration; accounting across it would be "
+                    "wrong. Use the configuration the checkpoint was trained with."
+                )
+
+    def _state_asserts(self) -> list:
+        cfg = self._privacy
+        clip = cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0
+        msg = ("Restored privacy state differs from the optimizer's configuration "
+               "(checkpoint from a different privacy configuration): ")
+        ops = [
+            tf.debugging.assert_equal(
+                tf.convert_to_tensor(self.dp_noise_multiplier), tf.constant(cfg.noise_multiplier, tf.float64),
+                message=msg + "noise_multiplier"),
+            tf.debugging.assert_equal(
+                tf.convert_to_tensor(self.dp_sampling_probability),
+                tf.constant(_unknown(cfg.sampling_probability), tf.float64),
+                message=msg + "sampling_probability"),
+            tf.debugging.assert_equal(
+                tf.convert_to_tensor(self.dp_delta), tf.constant(_unknown(cfg.delta), tf.float64),
+                message=msg + "delta"),
+            tf.debugging.assert_equal(
+                tf.convert_to_tensor(self.dp_l2_norm_clip), tf.constant(clip, tf.float64),
+                message=msg + "l2_norm_clip"),
+        ]
+        steps = tf.convert_to_tensor(self.dp_steps)
+        max_steps = tf.convert_to_tensor(self.dp_max_steps)
+        ops.append(
+            tf.debugging.Assert(
+                tf.logical_or(max_steps < 0, steps < max_steps),
+                ["Privacy budget exhausted: dp_steps =", steps, ">= dp_max_steps =", max_steps,
+                 "; no further private step is allowed."],
+            )
+        )
+        return ops
+
+    # ---------------------------------------------------------------- guard
+    @contextlib.contextmanager
+    def _private_update_scope(self):
+        prev = self._ewtune_in_private_update
+        self._ewtune_in_private_update = True
+        try:
+            yield
+        finally:
+            self._ewtune_in_private_update = prev
+
+    def apply(self, grads, trainable_variables=None):
+        if not self._ewtune_in_private_update:
+            raise NonPrivateStepError(
+                f"{type(self).__name__} only applies differentially private "
+                "updates, but apply()/apply_gradients() was called outside a "
+                "private training step (no per-example clipping or noise). Call "
+                "ewtune_tf.make_private(model) after compile() (or use a model "
+                "that already is), and train with model.fit / model.train_on_batch."
+            )
+        return super().apply(grads, trainable_variables)
+
+    # --------------------------------------------------------- private step
+    def expected_records(self, physical_batch_size: Optional[int]) -> float:
+        """Divisor of the noised sum: expected records per logical step.
+
+        ``physical_batch_size`` is the static size of one chunk the clipping
+        impl sees (needed for microbatches, or when no expected batch size is
+        configured).
+        """
+        cfg = self._privacy
+        b = cfg.expected_batch_size
+        if b is None:
+            if physical_batch_size is None:
+                raise ValueError(
+                    "batch_size (the expected logical batch size) must be given to "
+                    "the optimizer when the batch dimension is not static."
+                )
+            b = float(physical_batch_size)
+        if cfg.num_microbatches is None:
+            return float(b)
+        if physical_batch_size is None:
+            raise ValueError("num_microbatches requires a static physical batch size.")
+        microbatch_size = physical_batch_size / cfg.num_microbatches
+        return float(b) / microbatch_size
+
+    def apply_private_gradients(
+        self,
+        clipped_sum: Sequence[tf.Tensor],
+        trainable_variables: Sequence,
+        *,
+        physical_batch_size: Optional[int],
+    ):
+        """Noises the local clipped sum, normalizes and applies one update.
+
+        Must run in the replica context of the train step. Each replica adds
+        noise std sigma*C/sqrt(R); Keras's all-reduce SUM of the gradients
+        then carries noise std sigma*C (see ewtune_tf.mechanism.noise).
+        """
+        cfg = self._privacy
+        strategy = tf.distribute.get_strategy()
+        num_replicas = strategy.num_replicas_in_sync
+        ctx = tf.distribute.get_replica_context()
+        replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
+        divisor = self.expected_records(physical_batch_size)
+        with tf.control_dependencies(self._state_asserts()):
+            step = tf.identity(tf.convert_to_tensor(self.dp_steps))
+        seed = noise_lib.make_seed(step, replica_id, cfg.noise_seed)
+        noised = noise_lib.add_gaussian_noise(
+            clipped_sum,
+            l2_norm_clip=cfg.l2_norm_clip,
+            noise_multiplier=cfg.noise_multiplier,
+            seed=seed,
+            num_replicas=num_replicas,
+        )
+        grads = noise_lib.normalize(noised, divisor)
+        grads = [tf.cast(g, v.dtype) for g, v in zip(grads, trainable_variables)]
+        with self._private_update_scope():
+            self.apply(grads, trainable_variables)
+        self.dp_steps.assign_add(1)
+        return grads
+
+    # -------------------------------------------------------- serialization
+    def get_config(self):
+        config = super().get_config()
+        cfg = self._privacy
+        config.update(
+            l2_norm_clip=cfg.l2_norm_clip,
+            noise_multiplier=cfg.noise_multiplier,
+            target_epsilon=cfg.target_epsilon,
+            target_delta=cfg.delta,
+            num_examples=cfg.num_examples,
+            batch_size=cfg.expected_batch_size,
+            epochs=cfg.epochs,
+            sampling_probability=cfg.sampling_probability,
+            num_microbatches=cfg.num_microbatches,
+            clipping=cfg.clipping,
+            accountant_method=cfg.accountant_method,
+            accountant_order=cfg.accountant_order,
+            certify=cfg.certify,
+            sampling=cfg.sampling,
+            noise_seed=cfg.noise_seed,
+            noise_multiplier_source=cfg.noise_multiplier_source,
+        )
+        return config
+
+
+_CLASS_CACHE: Dict[type, type] = {}
+
+
+def make_ewtune_optimizer(keras_optimizer_class: Type[keras.optimizers.Optimizer]) -> type:
+    """Builds (once) and returns the EWTune subclass of a Keras 3 optimizer.
+
+    The returned class takes the base class's arguments plus the privacy
+    arguments (keyword-only) described in the module docstring.
+    """
+    if isinstance(keras_optimizer_class, type) and issubclass(keras_optimizer_class, EWTuneOptimizerMixin):
+        return keras_optimizer_class
+    if not (isinstance(keras_optimizer_class, type)
+            and issubclass(keras_optimizer_class, keras.optimizers.Optimizer)):
+        raise ValueError(
+            "keras_optimizer_class must be a Keras 3 optimizer class (a subclass of "
+            f"keras.optimizers.Optimizer); got {keras_optimizer_class!r}."
+        )
+    if keras_optimizer_class in _CLASS_CACHE:
+        return _CLASS_CACHE[keras_optimizer_class]
+    name = f"EWTune{keras_optimizer_class.__name__}"
+    cls = type(
+        name,
+        (EWTuneOptimizerMixin, keras_optimizer_class),
+        {
+            "__doc__": (
+                f"Differentially private {keras_optimizer_class.__name__} "
+                "(see ewtune_tf.optimizers.dp_optimizer)."
+            ),
+            "__module__": __name__,
+        },
+    )
+    cls = keras.saving.register_keras_serializable(package="ewtune_tf", name=name)(cls)
+    _CLASS_CACHE[keras_optimizer_class] = cls
+    return cls
+
+
+EWTuneAdam = make_ewtune_optimizer(keras.optimizers.Adam)
+EWTuneSGD = make_ewtune_optimizer(keras.optimizers.SGD)
+EWTuneAdamW = make_ewtune_optimizer(keras.optimizers.AdamW)
+
+
+def unwrap_optimizer(optimizer):
+    """Returns the EWTune optimizer inside a LossScaleOptimizer, or itself."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return inner if inner is not None else optimizer
+
+
+def is_ewtune_optimizer(optimizer) -> bool:
+    return isinstance(unwrap_optimizer(optimizer), EWTuneOptimizerMixin)

@@ -1,0 +1,227 @@
+"""Validated privacy hyperparameters of an EWTune optimizer.
+
+One immutable record of everything that determines the mechanism and its
+accounting: the clip norm C, the noise multiplier sigma (given, or calibrated
+from a target epsilon by the Edgeworth accountant), the sampling probability
+q, delta, the expected logical batch size, microbatching, the clipping
+implementation and the accountant options. Every bad value raises ValueError
+naming the parameter and its allowed range, before anything is built.
+"""
+
+import dataclasses
+import math
+import numbers
+import warnings
+from typing import Any, Dict, Optional
+
+from ewtune_tf.mechanism import clipping as clipping_lib
+from ewtune_tf.mechanism import noise as noise_lib
+from ewtune_tf.mechanism import per_example
+
+SAMPLING_MODES = ("poisson", "shuffle")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_positive_int(name: str, value, *, upper: Optional[int] = None) -> int:
+    if not _is_int(value) or value < 1 or (upper is not None and value > upper):
+        rng = f"[1, {upper}]" if upper is not None else ">= 1"
+        raise ValueError(f"{name} must be an integer {rng}; got {value!r}.")
+    return int(value)
+
+
+def _check_float(name: str, value, lo: float, hi: float, *, lo_open=True, hi_open=True) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok or isinstance(value, bool):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {value!r}.")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """Resolved privacy configuration (see module docstring).
+
+    Attributes:
+      l2_norm_clip: C, per-record global L2 clip norm, in (0, inf].
+      noise_multiplier: sigma; noise std on the clipped sum is sigma * C.
+      sampling_probability: q in (0, 1], or None when unknown (then epsilon
+        cannot be computed and PrivacyBudget refuses to run).
+      delta: target delta in (0, 1), or None.
+      expected_batch_size: expected examples per logical step (q * N); the
+        noised sum is divided by it. None: the static physical batch size is
+        used at trace time.
+      num_examples, epochs, target_epsilon: as given (None if not).
+      num_microbatches: None (per example) or records per physical chunk.
+      clipping: clipping implementation name.
+      accountant_method, accountant_order, certify: accountant options.
+      sampling: "poisson" (what the accountant assumes) or "shuffle".
+      noise_seed: None (secure OS entropy) or a fixed int (tests only).
+      noise_multiplier_source: "given" or "calibrated".
+    """
+
+    l2_norm_clip: float
+    noise_multiplier: float
+    sampling_probability: Optional[float] = None
+    delta: Optional[float] = None
+    expected_batch_size: Optional[float] = None
+    num_examples: Optional[int] = None
+    epochs: Optional[float] = None
+    target_epsilon: Optional[float] = None
+    num_microbatches: Optional[int] = None
+    clipping: str = "vectorized"
+    accountant_method: str = "tilted"
+    accountant_order: int = 2
+    certify: bool = True
+    sampling: str = "poisson"
+    noise_seed: Optional[int] = None
+    noise_multiplier_source: str = "given"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_privacy_config(
+    *,
+    l2_norm_clip,
+    noise_multiplier=None,
+    target_epsilon=None,
+    target_delta=None,
+    num_examples=None,
+    batch_size=None,
+    epochs=None,
+    sampling_probability=None,
+    num_microbatches=None,
+    clipping="vectorized",
+    accountant_method="tilted",
+    accountant_order=2,
+    certify=True,
+    sampling="poisson",
+    noise_seed=None,
+    noise_multiplier_source=None,
+) -> PrivacyConfig:
+    """Validates the optimizer's privacy arguments and calibrates sigma.
+
+    Exactly one of ``noise_multiplier`` or ``target_epsilon`` must be given
+    (``noise_multiplier_source="calibrated"`` marks a sigma that was
+    calibrated earlier and is being restored from a config: it is reused, not
+    recalibrated).
+    """
+    c = clipping_lib.check_l2_norm_clip(l2_norm_clip)
+    per_example.check_num_microbatches(num_microbatches, None)
+    if not isinstance(clipping, str) or clipping not in clipping_lib.available_clipping_impls():
+        raise ValueError(
+            f"clipping must be one of {clipping_lib.available_clipping_impls()}; got {clipping!r}."
+        )
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}; got {sampling!r}.")
+    if not isinstance(certify, bool):
+        raise ValueError(f"certify must be True or False; got {certify!r}.")
+    if noise_seed is not None and not _is_int(noise_seed):
+        raise ValueError(f"noise_seed must be None or an integer; got {noise_seed!r}.")
+    if noise_multiplier_source not in (None, "given", "calibrated"):
+        raise ValueError(
+            "noise_multiplier_source must be None, 'given' or 'calibrated'; "
+            f"got {noise_multiplier_source!r}."
+        )
+
+    n = _check_positive_int("num_examples", num_examples) if num_examples is not None else None
+    if batch_size is not None:
+        b = _check_float("batch_size", batch_size, 0.0, float(n) if n else math.inf,
+                         lo_open=True, hi_open=n is None)
+    else:
+        b = None
+    e = _check_float("epochs", epochs, 0.0, math.inf) if epochs is not None else None
+    d = _check_float("target_delta", target_delta, 0.0, 1.0) if target_delta is not None else None
+    if d is not None and n is not None and d >= 1.0 / n:
+        warnings.warn(
+            f"target_delta={d} >= 1/num_examples={1.0 / n:.3g}: such a delta allows "
+            "releasing individual records; choose delta << 1/num_examples.",
+            stacklevel=3,
+        )
+    q = None
+    if sampling_probability is not None:
+        q = _check_float("sampling_probability", sampling_probability, 0.0, 1.0, hi_open=False)
+    elif n is not None and b is not None:
+        q = b / n
+    if q is not None and n is not None and b is None:
+        b = q * n
+
+    calibrated = noise_multiplier_source == "calibrated"
+    if target_epsilon is not None and noise_multiplier is not None and not calibrated:
+        raise ValueError(
+            "Give either noise_multiplier, or target_epsilon (+ target_delta, "
+            "num_examples, batch_size, epochs) to calibrate it; not both."
+        )
+    if target_epsilon is None and noise_multiplier is None:
+        raise ValueError(
+            "noise_multiplier (>= 0) or target_epsilon (> 0, with target_delta, "
+            "num_examples, batch_size and epochs) is required."
+        )
+    eps = None
+    if target_epsilon is not None:
+        eps = _check_float("target_epsilon", target_epsilon, 0.0, math.inf)
+        missing = [k for k, v in dict(target_delta=d, num_examples=n, batch_size=b, epochs=e).items()
+                   if v is None]
+        if missing:
+            raise ValueError(
+                f"target_epsilon={eps} needs {', '.join(missing)} to calibrate the "
+                "noise multiplier (target_delta in (0, 1), num_examples >= 1, "
+                "batch_size in (0, num_examples], epochs > 0)."
+            )
+    if noise_multiplier is not None:
+        sigma = noise_lib.check_noise_multiplier(noise_multiplier)
+        source = "calibrated" if calibrated else "given"
+    else:
+        from ewtune_tf import accounting  # noqa: PLC0415 (lands in parallel)
+
+        result = accounting.calibrate_noise_multiplier(
+            eps, d, num_examples=n, batch_size=int(round(b)) if float(b).is_integer() else b,
+            epochs=e, method=accountant_method, order=accountant_order, certify=certify,
+        )
+        sigma = float(result.noise_multiplier)
+        q = float(result.sampling_probability)
+        source = "calibrated"
+    if sigma > 0 and not math.isfinite(c):
+        raise ValueError("l2_norm_clip must be finite when noise_multiplier > 0; got inf.")
+    if sigma == 0:
+        warnings.warn("noise_multiplier=0: training is NOT differentially private.", stacklevel=3)
+    if sampling == "shuffle":
+        warnings.warn(
+            "sampling='shuffle': the accountant assumes Poisson sampling; the "
+            "reported epsilon is that of Poisson sampling with the same q, which "
+            "is not a proven bound for shuffled fixed-size batches. Use "
+            "ewtune_tf.data.poisson_batches for a matching guarantee.",
+            stacklevel=3,
+        )
+    if noise_seed is not None:
+        warnings.warn(
+            "noise_seed is set: the DP noise is reproducible from a known seed and "
+            "offers NO privacy. Use only for tests.",
+            stacklevel=3,
+        )
+    return PrivacyConfig(
+        l2_norm_clip=c,
+        noise_multiplier=sigma,
+        sampling_probability=q,
+        delta=d,
+        expected_batch_size=b,
+        num_examples=n,
+        epochs=e,
+        target_epsilon=eps,
+        num_microbatches=None if num_microbatches is None else int(num_microbatches),
+        clipping=clipping,
+        accountant_method=accountant_method,
+        accountant_order=accountant_order,
+        certify=certify,
+        sampling=sampling,
+        noise_seed=None if noise_seed is None else int(noise_seed),
+        noise_multiplier_source=source,
+    )
