@@ -219,3 +219,74 @@ def test_tf_function_and_supported_list():
     np.testing.assert_allclose(got.norms.numpy(), ref_norms, rtol=RTOL)
     assert "Dense" in ghost.SUPPORTED_LAYERS and "EinsumDense" in ghost.SUPPORTED_LAYERS
     assert "ghost" in clipping.available_clipping_impls()
+
+
+def _tiny_bert(lora: bool):
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=100,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+        dropout=0.0,
+    )
+    model = keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=2, preprocessor=None, dropout=0.0
+    )
+    if lora:
+        backbone.enable_lora(rank=2)
+        rng = _rng(5)
+        for v in model.trainable_variables:
+            if "lora" in v.path:
+                v.assign(rng.normal(size=v.shape, scale=0.2).astype("float32"))
+    rng = _rng(1)
+    batch, seq = 4, 8
+    token_ids = rng.integers(1, 100, size=(batch, seq)).astype("int32")
+    token_ids[:, 3] = 7  # repeated token ids within each example
+    padding = np.ones((batch, seq), "int32")
+    padding[1, 5:] = 0
+    padding[3, 2:] = 0
+    x = {
+        "token_ids": tf.constant(token_ids * padding),
+        "segment_ids": tf.constant((rng.random((batch, seq)) < 0.5).astype("int32")),
+        "padding_mask": tf.constant(padding),
+    }
+    labels = tf.constant([0, 1, 1, 0])
+    weights = tf.constant([1.0, 1.0, 0.0, 1.0])  # row 2 is a padding row
+
+    def loss_fn():
+        logits = model(x, training=True)
+        per = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        return tf.cast(per, tf.float32) * weights
+
+    return model, loss_fn
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_tiny_bert_classifier(lora, norm_method):
+    if norm_method != "auto":
+        pytest.skip("covered by the layer tests")
+    model, loss_fn = _tiny_bert(lora)
+    names = [v.path for v in model.trainable_variables]
+    if lora:
+        assert all("lora" in n or "logits" in n or "bias" in n or "pooled" in n for n in names), names
+    for impl in IMPLS:
+        out, ref = _check(impl, model, loss_fn, clip=0.05)
+        assert out.norms.numpy()[2] == 0.0
+        assert np.all(ref[[0, 1, 3]] > 0.05)  # clipping is active
+
+
+def test_tiny_bert_uses_no_fallback(monkeypatch, norm_method):
+    """Every BERT variable is covered by a tap (no slow jacobian fallback)."""
+    if norm_method != "auto":
+        pytest.skip("once is enough")
+    model, loss_fn = _tiny_bert(False)
+
+    def fail(*a, **k):
+        raise AssertionError("jacobian fallback used")
+
+    monkeypatch.setattr(tf.GradientTape, "jacobian", fail)
+    ghost.bookkeeping_clipped_gradients(model, loss_fn, model.trainable_variables, 1.0)
