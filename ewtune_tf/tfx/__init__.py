@@ -1,1 +1,14 @@
-"""ewtune_tf.tfx (placeholder; filled in by its issue)."""
+"""TFX integration: private Trainer module, PrivacyReport artifact, privacy gate.
+
+Modules (import them directly; this package imports nothing heavy itself):
+  config          Trainer ``custom_config`` parsing and validation (no TF).
+  accounting      noise calibration and the certified privacy report (no TF).
+  training        DP-SGD fine-tuning of a KerasHub BERT classifier.
+  serving         the serving SavedModel (raw-text signature, report in assets).
+  trainer_module  ``run_fn(fn_args)`` for ``tfx.components.Trainer``.
+  artifacts       the ``PrivacyReport`` artifact type (needs tfx).
+  components      ``PrivacyReportGen`` and ``PrivacyGate`` (needs tfx).
+
+Needs the TFX environment (.venv-tfx: Python 3.10, tfx 1.16.0). The pipeline
+that wires these together is ``trainers/tfx_pipeline.py``.
+"""

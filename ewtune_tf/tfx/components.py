@@ -1,0 +1,101 @@
+"""TFX components: the privacy report and the privacy-budget gate.
+
+  PrivacyReportGen(model) -> privacy_report: PrivacyReport
+      Reads the report the private Trainer wrote next to its SavedModel and
+      records it, with typed properties, in ML Metadata.
+  PrivacyGate(privacy_report, epsilon_budget) -> blessing: ModelBlessing
+      Blesses the model only when its *certified* epsilon is <= the budget
+      (and the report says it is certified). The standard Pusher reads the
+      blessing's ``blessed`` custom property (1 = push) when it is given
+      ``model_blessing=gate.outputs['blessing']``; a refused model is not
+      pushed.
+"""
+
+import json
+import math
+import os
+from typing import Any, Dict
+
+from tfx import v1 as tfx
+from tfx.types import standard_artifacts
+
+from ewtune_tf.tfx.artifacts import REPORT_FILE, PrivacyReport
+from ewtune_tf.tfx.trainer_module import find_privacy_report
+
+# What tfx.components.util.model_utils.is_model_blessed() reads, and the
+# marker files the Evaluator writes (kept for tools that look for them).
+BLESSED_KEY = "blessed"
+BLESSED_FILE = "BLESSED"
+NOT_BLESSED_FILE = "NOT_BLESSED"
+
+
+def _float(report: Dict[str, Any], *keys: str) -> float:
+    for key in keys:
+        value = report.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return float("nan")
+
+
+@tfx.dsl.components.component
+def PrivacyReportGen(
+    model: tfx.dsl.components.InputArtifact[standard_artifacts.Model],
+    privacy_report: tfx.dsl.components.OutputArtifact[PrivacyReport],
+) -> None:
+    """Copies the Trainer's privacy report into a PrivacyReport artifact."""
+    path = find_privacy_report(model.uri)
+    with open(path) as f:
+        report = json.load(f)
+    os.makedirs(privacy_report.uri, exist_ok=True)
+    with open(os.path.join(privacy_report.uri, REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+
+    certified = _float(report, "certified_epsilon", "epsilon")
+    estimate = _float(report, "estimated_epsilon", "epsilon_estimate")
+    privacy_report.certified_epsilon = certified
+    privacy_report.estimated_epsilon = estimate if math.isfinite(estimate) else -1.0
+    privacy_report.target_epsilon = _float(report, "target_epsilon")
+    privacy_report.delta = _float(report, "delta")
+    privacy_report.noise_multiplier = _float(report, "noise_multiplier", "sigma")
+    privacy_report.sampling_probability = _float(report, "sampling_probability", "q")
+    privacy_report.steps = int(report.get("steps", -1))
+    privacy_report.sampling_method = str(report.get("sampling_method", "unknown"))
+    privacy_report.accountant = str(report.get("accountant", "unknown"))
+    privacy_report.l2_norm_clip = _float(report, "l2_norm_clip")
+    privacy_report.dataset_size = int(report.get("dataset_size", -1))
+    privacy_report.set_string_custom_property("certified", str(bool(report.get("certified"))))
+    privacy_report.set_string_custom_property("source", path)
+
+
+@tfx.dsl.components.component
+def PrivacyGate(
+    privacy_report: tfx.dsl.components.InputArtifact[PrivacyReport],
+    blessing: tfx.dsl.components.OutputArtifact[standard_artifacts.ModelBlessing],
+    epsilon_budget: tfx.dsl.components.Parameter[float],
+) -> None:
+    """Blesses the model iff its certified epsilon <= epsilon_budget."""
+    if not (math.isfinite(epsilon_budget) and epsilon_budget > 0):
+        raise ValueError(f"epsilon_budget must be a finite number > 0, got {epsilon_budget!r}")
+    with open(os.path.join(privacy_report.uri, REPORT_FILE)) as f:
+        report = json.load(f)
+    certified = _float(report, "certified_epsilon", "epsilon")
+    # Fail closed: an uncertified, missing or non-finite epsilon never passes.
+    is_certified = bool(report.get("certified"))
+    passed = is_certified and math.isfinite(certified) and certified <= epsilon_budget
+    if not is_certified:
+        reason = "report is not certified"
+    elif not math.isfinite(certified):
+        reason = "certified epsilon missing"
+    else:
+        reason = (f"certified epsilon {certified:.6g} "
+                  f"{'<=' if passed else '>'} budget {epsilon_budget:.6g}")
+
+    os.makedirs(blessing.uri, exist_ok=True)
+    with open(os.path.join(blessing.uri, BLESSED_FILE if passed else NOT_BLESSED_FILE), "w") as f:
+        f.write(reason + "\n")
+    blessing.set_int_custom_property(BLESSED_KEY, 1 if passed else 0)
+    blessing.set_float_custom_property("certified_epsilon", certified)
+    blessing.set_float_custom_property("epsilon_budget", float(epsilon_budget))
+    blessing.set_string_custom_property("reason", reason)
+    print(f"[ewtune_tf.tfx] PrivacyGate: {'BLESSED' if passed else 'NOT BLESSED'}: {reason}",
+          flush=True)
