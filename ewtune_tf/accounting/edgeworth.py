@@ -113,32 +113,35 @@ def delta_from_epsilon(components: Sequence[pllr.Component], epsilon: float,
 
 def _solve_direction(cum_p, cum_q, delta: float, order: int, direction: str,
                      eps_max: float, grid_size: int) -> float:
-  """Smallest eps in [0, eps_max] with delta_hat(eps) = delta, checked."""
-  f0 = float(delta_hat(0.0, cum_p, cum_q, order, direction))
-  if f0 <= delta:
-    if f0 < 0.0:
-      raise ExpansionInvalidError(
-          f"Edgeworth order-{order} delta_hat(0) = {f0:.3e} < 0 ({direction}).")
-    return 0.0
-  # Grid check: delta_hat must be non-negative and non-increasing from 0 up to
-  # the crossing (it is exactly so for the true delta(eps)).
+  """Smallest eps in [0, eps_max] with delta_hat(eps) = delta, checked.
+
+  The true delta(eps) is positive and non-increasing, so delta_hat must be too
+  wherever it decides the answer: from 0 until it has fallen well below the
+  target (to delta / 10), and it must not come back above the target later (a
+  second crossing would make the root ambiguous).
+  """
   grid = np.linspace(0.0, eps_max, grid_size)
   vals = delta_hat(grid, cum_p, cum_q, order, direction)
-  below = np.nonzero(vals <= delta)[0]
-  if below.size == 0:
+  if not np.all(np.isfinite(vals)):
+    raise ExpansionInvalidError(f"Edgeworth delta_hat is not finite ({direction}).")
+  low = np.nonzero(vals <= 0.1 * delta)[0]
+  if low.size == 0:
     raise ExpansionInvalidError(
         f"Edgeworth delta_hat stays above {delta} on [0, {eps_max}] ({direction}).")
-  k = int(below[0])
-  seg = vals[: k + 1]
+  j = int(low[0])
+  seg = vals[: j + 1]
   tol = 1e-12 + 1e-9 * np.abs(seg[:-1])
   if np.any(seg < 0.0) or np.any(np.diff(seg) > tol):
     raise ExpansionInvalidError(
         f"Edgeworth order-{order} delta_hat is negative or non-monotone on "
-        f"[0, {grid[k]:.4g}] ({direction}); the expansion is invalid here.")
-  if k + 1 < len(vals) and vals[k] < 0.0:
+        f"[0, {grid[j]:.4g}] ({direction}); the expansion is invalid here.")
+  if np.any(np.abs(vals[j:]) >= delta):
     raise ExpansionInvalidError(
-        f"Edgeworth order-{order} delta_hat crosses {delta} into negative values"
-        f" at eps={grid[k]:.4g} ({direction}).")
+        f"Edgeworth order-{order} delta_hat returns to |delta_hat| >= {delta} "
+        f"beyond eps={grid[j]:.4g} ({direction}); the expansion is invalid.")
+  if vals[0] <= delta:
+    return 0.0
+  k = int(np.nonzero(vals <= delta)[0][0])
   fun = lambda e: float(delta_hat(e, cum_p, cum_q, order, direction)) - delta
   return optimize.brentq(fun, grid[k - 1], grid[k], xtol=1e-12, rtol=1e-12)
 

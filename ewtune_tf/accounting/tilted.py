@@ -141,6 +141,12 @@ def _centre_cumulants(components):
   return edgeworth.summed_cumulants(components)
 
 
+def _support_min(components) -> float:
+  """Infimum of S: sum of count * log(1 - q) (-inf if some q = 1)."""
+  return sum(c * (math.log1p(-q) if q < 1.0 else -math.inf)
+             for q, _, c in components)
+
+
 def _t_at_zero(components) -> float:
   """Tilt with M K'(t) = 0 (eps = 0); lies in (0, 1) since K(0) = K(1) = 0."""
   f = lambda t: _state(components, t)[1]
@@ -172,7 +178,7 @@ def delta_from_epsilon(components: Sequence[pllr.Component], epsilon: float,
   """Tilted delta(eps) for one direction. Returns (delta, diagnostics)."""
   centre = _centre_cumulants(components)
   if direction == "add":
-    q_min = sum(c * math.log1p(-q) for q, _, c in components)
+    q_min = _support_min(components)
     if -epsilon <= q_min:  # Below the support of S: delta_add is exactly 0.
       return 0.0, SaddleDiagnostics(-math.inf, 0.0, 0.0, 0.0)
     t = _solve_tilt(components, -epsilon)
@@ -218,7 +224,7 @@ def epsilon_from_delta(components: Sequence[pllr.Component], delta: float,
         if b > _T_LIMIT:
           raise TiltedInvalidError("eps beyond the tilt range")
   else:
-    q_min = sum(c * math.log1p(-q) for q, _, c in components)
+    q_min = _support_min(components)
     t0 = _t_at_zero(components)
     eps0, d0, diag0 = _delta_at_tilt(components, t0, direction, order, centre)
     if d0 <= delta:
