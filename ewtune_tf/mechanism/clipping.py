@@ -70,7 +70,10 @@ ClippingFn = Callable[..., ClippedGradients]
 
 _REGISTRY: Dict[str, ClippingFn] = {}
 # Implementations that live in optional modules, imported on first request.
-_LAZY_MODULES = {"ghost": "ewtune_tf.mechanism.ghost"}
+_LAZY_MODULES = {
+    "ghost": "ewtune_tf.mechanism.ghost",
+    "ghost_two_pass": "ewtune_tf.mechanism.ghost",
+}
 
 
 def register_clipping_impl(name: str, fn: ClippingFn) -> None:
