@@ -68,10 +68,10 @@ def create_pipeline(*, data_dir: str, pipeline_root: str, metadata_path: str, se
     from ewtune_tf.tfx import trainer_module
     from ewtune_tf.tfx.components import PrivacyGate, PrivacyReportGen
     from ewtune_tf.tfx.config import parse_custom_config
+    from ewtune_tf.tfx.gate import check_budget
 
     parse_custom_config(custom_config)  # Bad config fails here, before any component runs.
-    if not epsilon_budget > 0:
-        raise ValueError(f"--epsilon_budget must be > 0, got {epsilon_budget}")
+    check_budget(epsilon_budget)
 
     example_gen = tfx.components.CsvExampleGen(input_base=data_dir)
     trainer_kwargs: Dict[str, Any] = (

@@ -6,6 +6,7 @@ Modules (import them directly; this package imports nothing heavy itself):
   training        DP-SGD fine-tuning of a KerasHub BERT classifier.
   trainer_module  ``run_fn(fn_args)`` for ``tfx.components.Trainer``.
   artifacts       the ``PrivacyReport`` artifact type (needs tfx).
+  gate            the budget decision behind PrivacyGate (no TF).
   components      ``PrivacyReportGen`` and ``PrivacyGate`` (needs tfx).
 
 Needs the TFX environment (.venv-tfx: Python 3.10, tfx 1.16.0). The pipeline

@@ -14,12 +14,11 @@
 import json
 import math
 import os
-from typing import Any, Dict
-
 from tfx import v1 as tfx
 from tfx.types import standard_artifacts
 
 from ewtune_tf.tfx.artifacts import REPORT_FILE, PrivacyReport
+from ewtune_tf.tfx.gate import gate_decision, report_float as _float
 from ewtune_tf.tfx.trainer_module import find_privacy_report
 
 # What tfx.components.util.model_utils.is_model_blessed() reads, and the
@@ -27,14 +26,6 @@ from ewtune_tf.tfx.trainer_module import find_privacy_report
 BLESSED_KEY = "blessed"
 BLESSED_FILE = "BLESSED"
 NOT_BLESSED_FILE = "NOT_BLESSED"
-
-
-def _float(report: Dict[str, Any], *keys: str) -> float:
-    for key in keys:
-        value = report.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return float("nan")
 
 
 @tfx.dsl.components.component
@@ -74,21 +65,10 @@ def PrivacyGate(
     epsilon_budget: tfx.dsl.components.Parameter[float],
 ) -> None:
     """Blesses the model iff its certified epsilon <= epsilon_budget."""
-    if not (math.isfinite(epsilon_budget) and epsilon_budget > 0):
-        raise ValueError(f"epsilon_budget must be a finite number > 0, got {epsilon_budget!r}")
     with open(os.path.join(privacy_report.uri, REPORT_FILE)) as f:
         report = json.load(f)
+    passed, reason = gate_decision(report, epsilon_budget)
     certified = _float(report, "certified_epsilon", "epsilon")
-    # Fail closed: an uncertified, missing or non-finite epsilon never passes.
-    is_certified = bool(report.get("certified"))
-    passed = is_certified and math.isfinite(certified) and certified <= epsilon_budget
-    if not is_certified:
-        reason = "report is not certified"
-    elif not math.isfinite(certified):
-        reason = "certified epsilon missing"
-    else:
-        reason = (f"certified epsilon {certified:.6g} "
-                  f"{'<=' if passed else '>'} budget {epsilon_budget:.6g}")
 
     os.makedirs(blessing.uri, exist_ok=True)
     with open(os.path.join(blessing.uri, BLESSED_FILE if passed else NOT_BLESSED_FILE), "w") as f:
