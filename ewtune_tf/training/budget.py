@@ -55,6 +55,21 @@ def _atomic_write_json(path: str, obj) -> None:
         raise
 
 
+def _write_scalar(tag: str, value: float, step: int) -> None:
+    """A TensorBoard scalar; works without the tensorboard package installed."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    try:
+        tf.summary.scalar(tag, value, step=step)
+    except Exception:  # TBNotInstalledError: write the raw summary with the
+        # scalars-plugin metadata, which is what tf.summary.scalar would write.
+        from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
+
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
+
+
 class PrivacyBudget(keras.callbacks.Callback):
     """Logs epsilon each epoch and stops before the target is exceeded.
 
@@ -159,19 +174,27 @@ class PrivacyBudget(keras.callbacks.Callback):
         return float(self.epsilon(steps).epsilon)
 
     def _find_max_steps(self, current: int, target: float, planned: Optional[int]) -> int:
-        """Largest s >= current with eps(s) <= target (eps increases with s)."""
-        if self._eps_value(current + 1) > target:
-            return current
-        lo = current + 1  # feasible
-        hi = planned if planned and planned > lo else 2 * lo
+        """Largest s >= current with eps(s) <= target (eps increases with s).
+
+        Returns ``current`` when even one more step would exceed the target.
+        With ``planned`` (the steps this fit() will run) feasible, returns
+        it after one accountant call; the cap is recomputed on the next fit.
+        """
+        hi = planned if planned and planned > current else current + 1
         if self._eps_value(hi) <= target:
             if planned and hi == planned:
-                return hi  # enough for this fit(); re-evaluated on the next one.
-            while self._eps_value(hi) <= target:
-                lo, hi = hi, 2 * hi
+                return hi
+            lo = hi
+            while True:  # exponential search for an infeasible upper end
+                hi = 2 * hi
                 if hi > 10**9:
                     return lo
-        while hi - lo > 1:
+                if self._eps_value(hi) > target:
+                    break
+                lo = hi
+        else:
+            lo = current  # zero further steps is always "feasible"
+        while hi - lo > 1:  # invariant: lo feasible (or current), hi infeasible
             mid = (lo + hi) // 2
             if self._eps_value(mid) <= target:
                 lo = mid
@@ -255,8 +278,8 @@ class PrivacyBudget(keras.callbacks.Callback):
             import tensorflow as tf  # noqa: PLC0415
 
             with self._writer.as_default():
-                tf.summary.scalar("privacy/epsilon", eps, step=steps)
-                tf.summary.scalar("privacy/epsilon_estimate", est, step=steps)
+                _write_scalar("privacy/epsilon", eps, steps)
+                _write_scalar("privacy/epsilon_estimate", est, steps)
             self._writer.flush()
         if self.history_path:
             _atomic_write_json(self.history_path, {"history": self.history})
