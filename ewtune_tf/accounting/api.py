@@ -115,15 +115,30 @@ def _tilted_trusted(eps_lo: float, eps_hi: float, diag) -> bool:
 
 
 def _tilted_epsilon(components, delta: float, order: int, direction: str):
-  """Tilted eps for one direction, or None if it cannot vouch for itself."""
+  """Tilted eps for one direction, or None if it cannot vouch for itself.
+
+  Self-check: the other order's delta at the same saddlepoint, converted to an
+  eps shift with the local slope |d log(delta)/d eps| (t - 1 for remove, -t for
+  add, to leading saddlepoint order). One extra CGF evaluation, not a solve.
+  """
   try:
     eps, diag = tilted.epsilon_from_delta(components, delta, order, direction)
     other = 1 if order >= 2 else 2
-    eps_other, _ = tilted.epsilon_from_delta(components, delta, other, direction)
+    centre = edgeworth.summed_cumulants(components)
+    _, d_other, _ = tilted._delta_at_tilt(components, diag.t, direction, other,
+                                          centre)
   except (tilted.TiltedInvalidError, ValueError, ZeroDivisionError,
           OverflowError, FloatingPointError):
     return None
-  if not math.isfinite(eps) or not _tilted_trusted(eps_other, eps, diag):
+  if eps == 0.0:
+    return 0.0
+  if not math.isfinite(eps) or not d_other > 0:
+    return None
+  slope = (diag.t - 1.0) if direction == "remove" else -diag.t
+  if not slope > 1e-3:
+    return None
+  eps_other = eps + math.log(d_other / delta) / slope
+  if not _tilted_trusted(eps_other, eps, diag):
     return None
   return eps
 

@@ -191,26 +191,45 @@ def calibrate_noise_multiplier(
   b = certify_lib.epsilon_upper_bound(((q, sigma_est, m),), target_delta,
                                       reference=target_epsilon)
   interval = b.value_discretization_interval
-  cert_acc = lambda: accountant_lib.EdgeworthAccountant(
+  memo = {}
+
+  class _MemoCertified(accountant_lib.EdgeworthAccountant):
+    """Certified accountant whose results are shared within this search
+    (Brent and calibrate_dp_mechanism re-evaluate the bracket endpoints)."""
+
+    def get_epsilon_result(self, target_delta):
+      key = (self.components, target_delta)
+      if key not in memo:
+        memo[key] = super().get_epsilon_result(target_delta)
+      return memo[key]
+
+  cert_acc = lambda: _MemoCertified(
       method, order, certify=True, pld_value_discretization_interval=interval)
 
   def gap(x):
     return cert_acc().compose(_event(q, m, x)).get_epsilon(target_delta) - target_epsilon
 
-  lo, hi = x_est - 0.002, x_est + 0.01
+  # Predict the certified root from the bound's excess at sigma_est and the
+  # local slope d eps / d log(sigma) of the estimate, then bracket it tightly
+  # (Brent then needs only a few PLD evaluations).
+  h = 1e-3
+  slope = (est_acc().compose(_event(q, m, x_est + h)).get_epsilon(target_delta)
+           - target_epsilon) / h
+  excess = max(b.value - target_epsilon, 0.0)
+  x_pred = x_est + (excess / -slope if slope < 0 else 0.0)
+  lo, hi = x_pred - 2e-4, x_pred + 6e-4
   while gap(lo) <= 0:
-    lo -= 0.05
+    lo -= 4 * (hi - lo)
   while gap(hi) > 0:
-    hi += 2 * (hi - x_est)
+    hi += 4 * (hi - lo)
   x = _search(cert_acc, q, m, target_epsilon, target_delta,
               mc.ExplicitBracketInterval(lo, hi))
   sigma = math.exp(x)
-  res = api.epsilon_for_components(((q, sigma, m),), target_delta, method, order,
-                                   certify=True, pld_interval=interval)
-  if res.epsilon > target_epsilon:  # Defensive: never return an unproven sigma.
-    sigma = math.exp(x + _REL_TOL / 2)
-    res = api.epsilon_for_components(((q, sigma, m),), target_delta, method,
-                                     order, certify=True, pld_interval=interval)
+  res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
+  while res.epsilon > target_epsilon:  # Defensive: never return an unproven sigma.
+    x += _REL_TOL / 2
+    sigma = math.exp(x)
+    res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
   return CalibrationResult(sigma, q, m, target_epsilon, target_delta, res,
                            res.certified, "calibrate_dp_mechanism(certified)",
                            time.perf_counter() - start)
