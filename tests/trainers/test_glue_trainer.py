@@ -1,0 +1,119 @@
+"""ewtune-train end to end on a tiny model and the synthetic SST-2 fixture."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from trainers import glue as trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURES = str(ROOT / "tests" / "fixtures" / "glue")
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    from ewtune_tf.nlp import models
+
+    return models.save_tiny_bert_preset(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+def _base_args(tmp_path, tiny_preset, *extra):
+    return [
+        "--model", tiny_preset, "--glue_dir", FIXTURES, "--task", "sst2",
+        "--batch_size", "16", "--physical_batch_size", "8", "--epochs", "2",
+        "--sequence_length", "32", "--learning_rate", "0.01",
+        "--output_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "saved_models"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--epsilon", "0"], "--epsilon must be a finite number > 0"),
+        (["--delta", "1"], "--delta must be in (0, 1)"),
+        (["--epochs", "-1"], "--epochs must be > 0"),
+        (["--batch_size", "0"], "--batch_size must be an integer >= 1"),
+        (["--physical_batch_size", "0"], "--physical_batch_size must be"),
+        (["--learning_rate", "nan"], "--learning_rate must be"),
+        (["--l2_norm_clip", "-1"], "--l2_norm_clip must be"),
+        (["--lora_rank", "-2"], "--lora_rank must be"),
+        (["--sequence_length", "4"], "--sequence_length must be an integer in [8, 512]"),
+        (["--accountant", "rdp"], "--accountant must be one of"),
+        (["--strategy", "gpu"], "--strategy must be one of"),
+        (["--task", "cola"], "--task must be one of"),
+        (["--max_steps", "0"], "--max_steps must be"),
+        (["--model", "no_such_model"], "--model 'no_such_model' is not a known model"),
+    ],
+)
+def test_bad_flags_exit_2_before_writing(tmp_path, capsys, flags, fragment):
+    out = tmp_path / "out"
+    rc = trainer.main(["--output_dir", str(out), "--export_dir", str(tmp_path / "sm"), *flags])
+    assert rc == 2
+    assert fragment in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "sm").exists()
+
+
+def test_batch_size_above_n_and_missing_data(tmp_path, tiny_preset, capsys):
+    assert trainer.main(_base_args(tmp_path, tiny_preset, "--batch_size", "65")) == 2
+    assert "--batch_size must be in [1, 64]" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--glue_dir", str(empty)))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "SST-2" in err and "--glue_dir" in err and "EWTUNE_GLUE_DIR" in err
+
+
+def test_private_run_end_to_end(tmp_path, tiny_preset):
+    """Runs the CLI as a user would (`python -m trainers.glue`) and checks outputs."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "trainers.glue", *_base_args(tmp_path, tiny_preset, "--max_eval_examples", "12")],
+        capture_output=True, text=True, timeout=600, cwd=str(ROOT), env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert set(summary) >= {"dev_accuracy", "epsilon", "noise_multiplier", "steps", "export_path"}
+    assert 0 <= summary["dev_accuracy"] <= 1
+    assert 0 < summary["epsilon"] <= 8.0 and summary["certified"] is True
+    assert summary["steps"] == 8 and summary["noise_multiplier"] > 0  # 2 epochs x round(64/16)
+    assert any(line.startswith("certified epsilon:") for line in lines)
+
+    run = tmp_path / "run"
+    report = json.loads((run / "privacy_report.json").read_text())
+    assert report["private"] is True and report["sampling"] == "poisson"
+    assert report["inputs"]["sampling_probability"] == 0.25
+    assert report["inputs"]["steps"] == 8
+    assert report["outputs"]["epsilon_certified"] is True
+    assert report["outputs"]["epsilon"] == pytest.approx(summary["epsilon"])
+    assert report["outputs"]["epsilon_estimate"] > 0
+    assert report["package_versions"]["tensorflow"]
+    assert len(report["epsilon_history"]) == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["dev_accuracy"] == summary["dev_accuracy"] and metrics["steps"] == 8
+    assert (run / "privacy.png").stat().st_size > 1000
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+
+    export_path = pathlib.Path(summary["export_path"])
+    assert export_path == tmp_path / "saved_models" / "glue_sst2" / "1"
+    assert json.loads((export_path / "assets" / "privacy_report.json").read_text())["outputs"]["epsilon"] == \
+        pytest.approx(summary["epsilon"])
+    assert (export_path / "saved_model.pb").is_file()
+
+
+def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
+    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--no_dp", "--max_steps", "2", "--no_export"))
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["private"] is False and summary["epsilon"] == float("inf") and summary["export_path"] is None
+    assert any("NON-PRIVATE" in line for line in out)
+    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
+    assert report["private"] is False and "NON-PRIVATE" in report["label"]
