@@ -17,7 +17,9 @@ import re
 
 import pytest
 
-pytest.importorskip("tfx", reason="needs the TFX environment (.venv-tfx); run `make test-tfx`")
+# "tfx.v1", not "tfx": outside the TFX env, pytest's rootdir on sys.path makes
+# the tests/tfx folder importable as an empty namespace package named "tfx".
+pytest.importorskip("tfx.v1", reason="needs the TFX environment (.venv-tfx); run `make test-tfx`")
 
 pytestmark = pytest.mark.tfx
 
