@@ -1,0 +1,65 @@
+"""tf.distribute: one device's noise (std sigma*C on the all-reduced sum).
+
+Runs in a fresh interpreter: logical CPU devices must be configured before
+TensorFlow initializes its devices, which this pytest process may have done.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_SCRIPT = r"""
+import json, os, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from ewtune_tf.optimizers import EWTuneSGD
+from ewtune_tf.training import make_private
+
+R = int(sys.argv[1])
+sigma, c, b = 1.5, 0.5, 16.0
+strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(R)])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((10,)), keras.layers.Dense(4000)])
+    m.compile(EWTuneSGD(1.0, l2_norm_clip=c, noise_multiplier=sigma, batch_size=b), "mse")
+make_private(m)
+# Zero inputs: the kernel's clipped gradient sum is exactly 0, so its update
+# is the noise alone, divided by the expected batch size.
+x = np.zeros((16, 10), np.float32)
+y = np.ones((16, 4000), np.float32)
+k0 = m.layers[0].kernel.numpy().copy()
+m.train_on_batch(x, y)
+d1 = m.layers[0].kernel.numpy() - k0
+k1 = m.layers[0].kernel.numpy().copy()
+m.train_on_batch(x, y)
+d2 = m.layers[0].kernel.numpy() - k1
+print(json.dumps({
+    "replicas": strategy.num_replicas_in_sync,
+    "ratio": float(d1.std() / (sigma * c / b)),
+    "ratio2": float(d2.std() / (sigma * c / b)),
+    "corr": float(np.corrcoef(d1.ravel(), d2.ravel())[0, 1]),
+    "steps": int(m.optimizer.dp_steps.numpy()),
+}))
+"""
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_mirrored_noise_scale(replicas):
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(replicas)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == replicas
+    assert out["steps"] == 2
+    # 40000 noise draws: the std estimate is within ~1%; allow 3%.
+    assert abs(out["ratio"] - 1) < 0.03, out
+    assert abs(out["ratio2"] - 1) < 0.03, out
+    assert abs(out["corr"]) < 0.03, out
