@@ -109,7 +109,10 @@ def _delta_at_tilt(components, t: float, direction: str, order: int,
                    centre: Tuple[np.ndarray, np.ndarray]):
   """(eps, delta, diagnostics) of one direction at saddlepoint tilt t."""
   kk = _state(components, t)
-  cgf, k1, k2, k3, k4 = kk[0], kk[1], kk[2], kk[3], kk[4]
+  cgf, k1, k2, k3, k4 = (float(kk[j]) for j in range(5))
+  if not (math.isfinite(cgf) and math.isfinite(k1) and k2 > 0
+          and math.isfinite(k3) and math.isfinite(k4)):
+    raise TiltedInvalidError(f"CGF not finite at tilt {t}")
   l3 = k3 / k2 ** 1.5
   l4 = k4 / k2 ** 2
   x = k1  # The saddlepoint equation M K'(t) = x, solved for x.
@@ -132,6 +135,8 @@ def _delta_at_tilt(components, t: float, direction: str, order: int,
   # delta = phi(w_Q) * (A_Q - A_P) (see module docstring).
   diff = a_q - a_p
   log_phi = -0.5 * w_q * w_q
+  if not math.isfinite(diff):
+    raise TiltedInvalidError(f"saddlepoint terms not finite at tilt {t}")
   delta = math.exp(log_phi) * _INV_SQRT_2PI * diff
   corr = abs(c_q - c_p) / abs(diff) if diff != 0 else math.inf
   return eps, delta, SaddleDiagnostics(t, l3, l4, corr)
