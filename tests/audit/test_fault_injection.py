@@ -11,7 +11,6 @@ The trainer CLI (trainers/glue.py, `ewtune-train`) is tested the same way in
 ``test_trainer_cli_kill_and_resume`` once it exists.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -222,8 +221,10 @@ def test_atomic_writer_replaces_in_one_step(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["h.json"]  # no temp left
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trainers.glue") is None,
-                    reason="trainers/glue.py (ewtune-train, issue 5) has not landed yet")
-def test_trainer_cli_kill_and_resume():  # pragma: no cover - enabled when the CLI lands
-    pytest.xfail("ewtune-train exists now: port the kill/resume test above to its CLI "
-                 "(--output_dir resume, privacy_report.json) -- not written yet")
+@pytest.mark.skip(reason=(
+    "not written yet: trainers/glue.py (ewtune-train) landed after this suite; port "
+    "test_sigkill_mid_epoch_then_resume_matches_uninterrupted to it (kill mid-epoch, rerun "
+    "the same command with the same --output_dir, compare steps/epsilon in the final JSON "
+    "line and privacy_report.json) once the CLI documents how it resumes"))
+def test_trainer_cli_kill_and_resume():  # pragma: no cover
+    pass
