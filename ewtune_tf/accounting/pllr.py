@@ -28,8 +28,8 @@ Numerics: the integrals over x are computed with the trapezoid rule on a
 uniform grid. For integrands that are analytic in a strip around the real axis
 and decay like a Gaussian the trapezoid rule converges geometrically (the error
 is ~exp(-2 pi d / h) for strip half-width d), and here L is analytic for
-|Im x| < pi / mu. With h <= min(0.05, 0.25/mu) the discretisation error is far
-below double precision, and the grid covers 12 standard deviations beyond the
+|Im x| < pi / mu. With h = min(0.1, 0.4/mu) the discretisation error is
+below 1e-15 (exp(-2 pi^2 / (mu h)) <= e^-49), and the grid covers 12 standard deviations beyond the
 interval between the two tilted modes (0 and t mu), where the log-integrand
 provably decays at least like a Gaussian. This matches 40-digit quadrature to
 ~1e-12 relative (tests compare with adaptive quadrature and closed forms).
@@ -90,7 +90,7 @@ def tilted_cumulants(sampling_probability: float, noise_multiplier: float,
   q = float(sampling_probability)
   mu = 1.0 / float(noise_multiplier)
   t = float(t)
-  h = min(0.05, 0.25 / mu)
+  h = min(0.1, 0.4 / mu)
   lo = min(0.0, t * mu) - _MARGIN
   hi = max(0.0, t * mu) + _MARGIN
   n = int(math.ceil((hi - lo) / h)) + 1

@@ -230,24 +230,27 @@ def epsilon_from_delta(components: Sequence[pllr.Component], delta: float,
           raise TiltedInvalidError("eps beyond the tilt range")
   else:
     q_min = _support_min(components)
-    t0 = _t_at_zero(components)
-    eps0, d0, diag0 = _delta_at_tilt(components, t0, direction, order, centre)
-    if d0 <= delta:
-      return 0.0, diag0
-    # As t decreases eps = -M K'(t) grows towards -q_min and delta_add -> 0.
-    b, step = t0, 1.0
-    while True:
-      a = b - step
-      try:
-        ga = g(a)
-      except TiltedInvalidError:
-        ga = -1.0  # Numerically zero delta far below: root lies above a.
-      if ga < 0:
-        break
-      b, step = a, 2 * step
-      if step > _T_LIMIT:
-        return -q_min, diag0  # delta_add > target all the way: sup of support.
-    a, b = b, a
-  t = optimize.brentq(g, min(a, b), max(a, b), xtol=1e-12, rtol=1e-12)
+    # As t decreases from t0 (eps = 0) eps = -M K'(t) grows towards -q_min and
+    # delta_add falls. Small targets have their root at t < 0, so start at
+    # t = 0 (eps = M KL(P||Q)) and only locate t0 when the root lies above it.
+    g0 = g(0.0)
+    if g0 <= 0:
+      t0 = _t_at_zero(components)
+      eps0, d0, diag0 = _delta_at_tilt(components, t0, direction, order, centre)
+      if d0 <= delta:
+        return 0.0, diag0
+      a, b = 0.0, t0
+    else:
+      b, step = 0.0, 1.0
+      while True:
+        a = b - step
+        ga = g(a)  # TiltedInvalidError propagates: the caller falls back.
+        if ga < 0:
+          break
+        b, step = a, 2 * step
+        if step > _T_LIMIT:
+          _, _, diag_b = _delta_at_tilt(components, b, direction, order, centre)
+          return -q_min, diag_b  # delta_add > target up to sup of support.
+  t = optimize.brentq(g, min(a, b), max(a, b), xtol=1e-11, rtol=1e-11)
   eps, _, diag = _delta_at_tilt(components, t, direction, order, centre)
   return max(eps, 0.0), diag
