@@ -290,3 +290,27 @@ def test_tiny_bert_uses_no_fallback(monkeypatch, norm_method):
 
     monkeypatch.setattr(tf.GradientTape, "jacobian", fail)
     ghost.bookkeeping_clipped_gradients(model, loss_fn, model.trainable_variables, 1.0)
+
+
+def test_noised_update_equals_vectorized_for_fixed_seed(norm_method):
+    """Clipped + noised + normalized update: ghost == vectorized (same seed)."""
+    if norm_method != "auto":
+        pytest.skip("once is enough")
+    from ewtune_tf.mechanism import noise
+
+    model, loss_fn = _tiny_bert(False)
+    variables = model.trainable_variables
+    updates = {}
+    for impl in ("vectorized", "ghost", "ghost_two_pass"):
+        res = clipping.clipped_gradient_sum(impl, model, loss_fn, variables, 0.05)
+        noised = noise.add_gaussian_noise(
+            res.grad_sum,
+            l2_norm_clip=0.05,
+            noise_multiplier=1e-3,
+            seed=noise.make_seed(7, 0, noise_seed=1234),
+        )
+        updates[impl] = [u.numpy() for u in noise.normalize(noised, 4.0)]
+    for impl in ("ghost", "ghost_two_pass"):
+        for v, got, want in zip(variables, updates[impl], updates["vectorized"]):
+            scale = max(np.abs(want).max(), 1e-6)
+            np.testing.assert_allclose(got / scale, want / scale, rtol=RTOL, atol=RTOL, err_msg=v.path)
