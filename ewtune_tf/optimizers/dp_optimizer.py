@@ -64,6 +64,10 @@ class NonPrivateStepError(RuntimeError):
     """An EWTune optimizer was asked to apply gradients outside a private step."""
 
 
+class PrivacyBudgetExhausted(RuntimeError):
+    """Raised before a private step that would exceed the privacy budget."""
+
+
 def _unknown(x: Optional[float]) -> float:
     return -1.0 if x is None else float(x)
 
@@ -194,6 +198,15 @@ class EWTuneOptimizerMixin:
                     "wrong. Use the configuration the checkpoint was trained with."
                 )
 
+    def check_budget(self) -> None:
+        """Raises PrivacyBudgetExhausted if dp_steps reached dp_max_steps."""
+        steps, cap = int(self.dp_steps.numpy()), int(self.dp_max_steps.numpy())
+        if 0 <= cap <= steps:
+            raise PrivacyBudgetExhausted(
+                f"Privacy budget exhausted: dp_steps={steps} >= dp_max_steps={cap}; "
+                "no further private step is allowed."
+            )
+
     def _state_asserts(self) -> list:
         cfg = self._privacy
         clip = cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0
@@ -289,7 +302,15 @@ class EWTuneOptimizerMixin:
         ctx = tf.distribute.get_replica_context()
         replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
         divisor = self.expected_records(physical_batch_size)
-        with tf.control_dependencies(self._state_asserts()):
+        # A non-finite clipped sum would turn the update into NaN/inf for
+        # every weight; refuse it before anything is applied.
+        finite = [
+            tf.debugging.assert_all_finite(
+                g, "Non-finite gradients in the private step (a per-example loss "
+                "or gradient is NaN/inf); no update was applied.")
+            for g in clipped_sum
+        ]
+        with tf.control_dependencies(self._state_asserts() + finite):
             step = tf.identity(tf.convert_to_tensor(self.dp_steps))
         seed = noise_lib.make_seed(step, replica_id, cfg.noise_seed)
         noised = noise_lib.add_gaussian_noise(

@@ -35,8 +35,7 @@ import keras
 from ewtune_tf.optimizers import dp_optimizer
 
 
-class PrivacyBudgetExhausted(RuntimeError):
-    """Raised before a step that would exceed the target epsilon."""
+PrivacyBudgetExhausted = dp_optimizer.PrivacyBudgetExhausted
 
 
 def _atomic_write_json(path: str, obj) -> None:

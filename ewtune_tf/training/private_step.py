@@ -107,9 +107,33 @@ def make_private(
         report_train_metrics=report_train_metrics,
     )
     model.train_step = types.MethodType(private_train_step, model)
+    model.make_train_function = types.MethodType(_guarded_make_train_function, model)
     # Force a retrace with the private step if fit() already ran.
     model.train_function = None
     return model
+
+
+def _guarded_make_train_function(self, force=False):
+    """Keras's make_train_function, plus a host-side guard under XLA.
+
+    XLA compiles ``tf.debugging`` asserts away, so with ``jit_compile=True``
+    the in-graph checks of the private step (restored state matches the
+    configuration, budget cap, finite gradients) do not run. The budget and
+    configuration checks are then done on the host before every step.
+    """
+    type(self).make_train_function(self, force=force)
+    fn = self.train_function
+    if fn is not None and self.jit_compile and not getattr(fn, "_ewtune_host_guard", False):
+        opt = _resolve_optimizer(self)
+
+        def guarded(iterator):
+            opt.check_privacy_state()
+            opt.check_budget()
+            return fn(iterator)
+
+        guarded._ewtune_host_guard = True
+        self.train_function = guarded
+    return self.train_function
 
 
 def is_private(model) -> bool:

@@ -241,3 +241,17 @@ def test_checkpoint_from_other_privacy_config_rejected(tmp_path):
         m2.fit(x, y, batch_size=8, epochs=1, verbose=0)
     for a, b in zip(before, _weights(m2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_gradients_refused_before_update():
+    x, y = _data(8)
+    x[3, 0] = np.nan
+    m = _sequential()
+    m.compile(EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8), LOSS)
+    make_private(m)
+    before = _weights(m)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Non-finite gradients"):
+        m.train_on_batch(x, y)
+    for a, b in zip(before, _weights(m)):
+        np.testing.assert_array_equal(a, b)
+    assert int(m.optimizer.dp_steps.numpy()) == 0
