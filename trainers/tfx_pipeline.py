@@ -155,7 +155,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--l2_norm_clip", type=float, default=1.0)
     p.add_argument("--lora_rank", type=int, default=0)
     p.add_argument("--max_steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="fix sampling/noise/init RNGs (tests only; default: secret OS entropy)")
+    p.add_argument("--sample_seed", type=int, default=0, help="which SST-2 examples are sampled")
     p.add_argument("--pipeline_root", default=None, help="default: a new temporary directory")
     p.add_argument("--metadata_path", default=None, help="SQLite file (default: in pipeline_root)")
     p.add_argument("--serving_dir", default=os.path.join("saved_models", "sst2_tfx"),
@@ -179,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "lora_rank": args.lora_rank, "max_steps": args.max_steps, "seed": args.seed,
         "model_name": os.path.basename(os.path.normpath(args.serving_dir)),
     }
-    write_sst2_sample_csv(args.glue_dir, data_dir, args.sample_size, seed=args.seed)
+    write_sst2_sample_csv(args.glue_dir, data_dir, args.sample_size, seed=args.sample_seed)
     pipeline = create_pipeline(
         data_dir=data_dir, pipeline_root=pipeline_root, metadata_path=metadata_path,
         serving_dir=os.path.abspath(args.serving_dir),

@@ -87,7 +87,9 @@ class PrivateTrainerConfig:
       sampling: sampling scheme; only "poisson" is certified.
       accountant: analytic method of ewtune_tf.accounting, "edgeworth" or
         "tilted"; the reported / gated epsilon is always its certified bound.
-      seed: RNG seed for sampling, noise and initialisation.
+      seed: RNG seed for sampling, noise and initialisation. None (default)
+        draws sampling and noise from secret OS entropy, as the guarantee
+        assumes; set it only for reproducible tests.
       model_name: directory name of the export (saved_models/<model_name>/).
     """
 
@@ -108,7 +110,7 @@ class PrivateTrainerConfig:
     num_classes: int = 2
     sampling: str = "poisson"
     accountant: str = "edgeworth"
-    seed: int = 0
+    seed: Optional[int] = None
     model_name: str = "ewtune_tfx"
 
     def to_dict(self) -> Dict[str, Any]:

@@ -122,6 +122,10 @@ def run_fn(fn_args) -> None:
     classifier = training.build_classifier(config)
     features = training.tokenize(classifier, texts)
     history = training.private_fit(classifier, features, labels, config, sigma, steps)
+    if history["dp_steps"] != steps:
+        # Account for what actually happened (never fewer steps than were run).
+        print(f"[ewtune_tf.tfx] ran {history['dp_steps']} private steps (planned {steps})")
+        steps = max(int(history["dp_steps"]), 1)
 
     metrics: Dict[str, Any] = {"train_examples": n, "train_seconds": time.time() - start}
     if fn_args.eval_files:
@@ -137,7 +141,7 @@ def run_fn(fn_args) -> None:
         sampling_probability=q, steps=steps, dataset_size=n, batch_size=config.batch_size,
         l2_norm_clip=config.l2_norm_clip, sampling=config.sampling, method=config.accountant,
         extra={"config": config.to_dict(), "versions": _versions(),
-               "mean_sampled_batch_size": float(sum(history["batch_size"]) / max(steps, 1))})
+               "train_loss": history["loss"], "poisson_sampling": history["sampling"]})
     if report["certified_epsilon"] > config.epsilon * (1 + 1e-9):
         # Calibration searches with a coarser (still certified) grid; this
         # should never trigger, but an over-budget report must not slip out.

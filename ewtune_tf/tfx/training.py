@@ -1,18 +1,11 @@
 """DP-SGD fine-tuning used by the TFX Trainer's ``run_fn``.
 
-One optimizer step:
-  1. Poisson sampling: every training example joins the step's batch
-     independently with probability q = batch_size / N (what the accountant
-     certifies; the batch size is random and may be 0);
-  2. per-example gradients of the loss (one backward pass per example,
-     vectorised with ``tape.jacobian`` / pfor), each clipped to L2 norm C;
-  3. the clipped sum plus Gaussian noise N(0, (sigma*C)^2 I), divided by the
-     expected batch size, is handed to a Keras optimizer.
-The sampled batch is processed in fixed-size physical chunks (padding masked
-out), so one traced graph serves every step whatever its batch size.
-
-Privacy is enforced before the first update: there must be trainable weights,
-a positive clipping norm and a positive noise multiplier, or this raises.
+Glue between the Trainer's in-memory split and the shared DP-SGD stack
+(``ewtune_tf.nlp`` models, ``ewtune_tf.data`` Poisson batches,
+``ewtune_tf.optimizers.EWTuneAdam``, ``ewtune_tf.training.make_private``).
+One optimizer step: Poisson sampling at q = batch_size / N, per-example
+clipping to C, Gaussian noise N(0, (sigma*C)^2) once per logical batch,
+division by the expected batch size.
 """
 
 from typing import Any, Dict, List, Sequence, Tuple
@@ -54,75 +47,90 @@ def sampling_probability(config: PrivateTrainerConfig, dataset_size: int) -> flo
     return config.batch_size / dataset_size
 
 
-def private_fit(classifier, features: Dict[str, np.ndarray], labels: np.ndarray,
-                config: PrivateTrainerConfig, noise_multiplier: float, steps: int,
-                log_every: int = 10) -> Dict[str, Any]:
-    """Runs `steps` DP-SGD steps (Poisson sampling, clipping, Gaussian noise).
+class _TokenClassifier:
+    """Builds a plain Keras model over a KerasHub classifier's token inputs.
 
-    Returns a small history dict: per-step sampled batch size and mean loss of
-    the sampled examples (a training-data statistic, for logs only).
+    KerasHub's ``Task.fit`` would run the preprocessor on already-tokenised
+    input, so training goes through this wrapper; it shares the classifier's
+    weights. It also cuts padding columns past the longest row of each chunk
+    (dynamic padding): BERT's positions are absolute and padding is masked,
+    so the logits do not change.
+    """
+
+    @staticmethod
+    def wrap(classifier):
+        import keras
+        import tensorflow as tf
+
+        class TokenClassifier(keras.Model):
+            def __init__(self, inner, **kwargs):
+                super().__init__(**kwargs)
+                self.inner = inner
+
+            def call(self, x, training=False):
+                mask = tf.cast(x["padding_mask"], tf.int32)
+                width = tf.maximum(tf.reduce_max(tf.reduce_sum(mask, axis=1)), 1)
+                return self.inner({k: v[:, :width] for k, v in x.items()}, training=training)
+
+        return TokenClassifier(classifier, name="ewtune_tfx_token_classifier")
+
+
+def private_fit(classifier, features: Dict[str, np.ndarray], labels: np.ndarray,
+                config: PrivateTrainerConfig, noise_multiplier: float, steps: int) -> Dict[str, Any]:
+    """Runs `steps` private steps with the shared DP-SGD stack.
+
+    ``ewtune_tf.data.poisson_batches`` (Poisson sampling at q = B/N),
+    ``EWTuneAdam`` (Gaussian noise once per logical batch, divided by the
+    expected batch size) and ``make_private`` (per-example clipping, chunks
+    of ``physical_batch_size``). The optimizer refuses non-private updates,
+    so nothing trains without clipping and noise.
+
+    Returns a history dict, including ``dp_steps`` (noise releases actually
+    made; the accountant uses this count).
     """
     import keras
     import tensorflow as tf
 
-    trainable = list(classifier.trainable_variables)
-    if not trainable:
-        raise ValueError("the model has no trainable weights; nothing to train privately")
-    if not noise_multiplier > 0 or not config.l2_norm_clip > 0:
-        raise ValueError(
-            f"refusing to train without privacy: noise_multiplier={noise_multiplier}, "
-            f"l2_norm_clip={config.l2_norm_clip} (both must be > 0)")
+    from ewtune_tf.data.poisson import poisson_batches
+    from ewtune_tf.optimizers import EWTuneAdam
+    from ewtune_tf.training import make_private
 
+    if not classifier.trainable_weights:
+        raise ValueError("the model has no trainable weights; nothing to train privately")
     n = int(labels.shape[0])
     q = sampling_probability(config, n)
-    chunk = config.physical_batch_size
-    clip = float(config.l2_norm_clip)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
-    optimizer.build(trainable)
-    rng = np.random.default_rng(config.seed)
-    noise_gen = tf.random.Generator.from_seed(config.seed + 1)
-
-    @tf.function(reduce_retracing=True)
-    def clipped_sum(x, y, mask):
-        with tf.GradientTape() as tape:
-            logits = classifier(x, training=True)
-            losses = loss_fn(y, logits)
-        jac = tape.jacobian(losses, trainable, experimental_use_pfor=True)
-        sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(j), [tf.shape(j)[0], -1]), axis=1)
-                       for j in jac])
-        factor = mask * tf.minimum(1.0, clip / (tf.sqrt(sq) + 1e-12))
-        sums = [tf.tensordot(factor, j, axes=1) for j in jac]
-        return sums, tf.reduce_sum(losses * mask)
-
-    @tf.function
-    def apply(sums):
-        expected = tf.constant(q * n, tf.float32)
-        grads = [(s + noise_gen.normal(tf.shape(s), stddev=noise_multiplier * clip)) / expected
-                 for s in sums]
-        optimizer.apply_gradients(zip(grads, trainable))
-
-    history = {"batch_size": [], "loss": []}
-    for step in range(steps):
-        idx = np.flatnonzero(rng.random(n) < q)
-        totals = [tf.zeros_like(v) for v in trainable]
-        loss_total = 0.0
-        for start in range(0, max(len(idx), 1), chunk):
-            part = idx[start:start + chunk]
-            pad = chunk - len(part)
-            take = np.concatenate([part, np.zeros(pad, dtype=np.int64)]).astype(np.int64)
-            mask = np.concatenate([np.ones(len(part)), np.zeros(pad)]).astype(np.float32)
-            x = {k: tf.constant(v[take]) for k, v in features.items()}
-            sums, loss_sum = clipped_sum(x, tf.constant(labels[take]), tf.constant(mask))
-            totals = [t + s for t, s in zip(totals, sums)]
-            loss_total += float(loss_sum)
-        apply(totals)
-        history["batch_size"].append(int(len(idx)))
-        history["loss"].append(loss_total / max(len(idx), 1))
-        if log_every and (step + 1) % log_every == 0:
-            print(f"[ewtune_tf.tfx] step {step + 1}/{steps} "
-                  f"batch={len(idx)} loss={history['loss'][-1]:.4f}", flush=True)
-    return history
+    if config.seed is not None:
+        keras.utils.set_random_seed(config.seed)
+    optimizer = EWTuneAdam(
+        learning_rate=config.learning_rate,
+        l2_norm_clip=config.l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        noise_multiplier_source="calibrated",
+        target_epsilon=config.epsilon,
+        target_delta=config.delta,
+        num_examples=n,
+        batch_size=config.batch_size,
+        epochs=steps * q,
+        sampling_probability=q,
+        accountant_method=config.accountant,
+        certify=True,
+        sampling=config.sampling,
+        noise_seed=config.seed,
+    )
+    model = _TokenClassifier.wrap(classifier)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    make_private(model, physical_batch_size=config.physical_batch_size)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        ({k: tf.constant(v) for k, v in features.items()}, tf.constant(labels)))
+    # seed=None draws the batches from secret OS entropy (what the guarantee
+    # assumes); a fixed seed is for reproducible tests.
+    batches = poisson_batches(dataset, sampling_probability=q, steps=steps, epochs=1,
+                              seed=config.seed)
+    history = model.fit(batches.dataset, epochs=1, verbose=2, shuffle=False)
+    return {"loss": [float(x) for x in history.history.get("loss", [])],
+            "dp_steps": int(optimizer.dp_steps.numpy()),
+            "sampling": batches.report() if hasattr(batches, "report") else None}
 
 
 def accuracy(classifier, features: Dict[str, np.ndarray], labels: np.ndarray,

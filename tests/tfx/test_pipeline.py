@@ -57,6 +57,9 @@ def _run(tmp, *, budget: float, serving_dir: str):
         data_dir=str(tmp / "data"), pipeline_root=str(tmp / "root"),
         metadata_path=str(tmp / "metadata.sqlite"), serving_dir=serving_dir,
         epsilon_budget=budget, enable_cache=True,
+        # The standard `Trainer(module_file=...)` path (TFX packages the module
+        # as a wheel); `run_fn=` is covered by the CLI default.
+        use_module_file=True,
         custom_config={
             "epsilon": EPSILON, "delta": DELTA, "model": str(tmp / "tiny_bert"),
             "sequence_length": 32, "epochs": 1.0, "batch_size": 16,
