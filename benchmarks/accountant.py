@@ -35,7 +35,6 @@ from ewtune_tf.accounting import api  # noqa: E402
 from ewtune_tf.accounting import calibrate_noise_multiplier  # noqa: E402
 from ewtune_tf.accounting import certify  # noqa: E402
 from ewtune_tf.accounting import edgeworth  # noqa: E402
-from ewtune_tf.accounting import paper  # noqa: E402
 from ewtune_tf.accounting import pllr  # noqa: E402
 
 

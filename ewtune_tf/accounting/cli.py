@@ -16,7 +16,6 @@ Also runnable as `python -m ewtune_tf.accounting.cli`.
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import List, Optional

@@ -1,7 +1,5 @@
 """Tests for ewtune_tf/accounting/certify.py (PLD upper bounds)."""
 
-import pytest
-
 from ewtune_tf.accounting import certify
 
 
