@@ -30,7 +30,13 @@ def _rules(build_file: pathlib.Path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             if node.func.id in ("py_library", "py_test", "py_binary"):
-                kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+                # Only srcs/deps matter here; other attributes (data = glob(...))
+                # may be non-literal Starlark.
+                kwargs = {
+                    kw.arg: ast.literal_eval(kw.value)
+                    for kw in node.keywords
+                    if kw.arg in ("name", "srcs", "deps")
+                }
                 yield node.func.id, kwargs
 
 
