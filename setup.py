@@ -51,6 +51,7 @@ setup(
         "scipy",
         "safetensors",
         "matplotlib",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest", "hypothesis"],
