@@ -1,0 +1,50 @@
+"""The README's Python example runs (with a tiny model and fixture data).
+
+The example is read from README.md itself, so the documentation cannot drift
+from the API. Only sizes and data/model locations are swapped for test ones.
+"""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _readme_python_blocks():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_has_the_compile_example():
+    blocks = _readme_python_blocks()
+    assert any("EWTuneAdam(" in b and "make_private(" in b for b in blocks)
+
+
+def test_readme_example_trains_privately(tmp_path):
+    (example,) = [b for b in _readme_python_blocks() if "EWTuneAdam(" in b]
+    preset = tmp_path / "tiny_bert"
+    substitutions = {
+        '"../shared/data/glue"': repr(str(ROOT / "tests" / "fixtures" / "glue")),
+        'build_classifier("minilm"': f"build_classifier({str(preset)!r}",
+        "sequence_length=64": "sequence_length=32",
+        "batch, epochs = len(train), 1024, 2": "batch, epochs = len(train), 8, 1",
+        "physical_batch_size=64": "physical_batch_size=4",
+    }
+    for old, new in substitutions.items():
+        assert old in example, f"README example changed; update the test's substitution for {old}"
+        example = example.replace(old, new)
+    script = (
+        "from ewtune_tf.nlp.models import save_tiny_bert_preset\n"
+        f"save_tiny_bert_preset({str(preset)!r}, max_sequence_length=32)\n"
+        + example
+        + "\nopt = clf.optimizer\n"
+        "print('STEPS', int(opt.dp_steps.numpy()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = int(re.search(r"STEPS (\d+)", result.stdout).group(1))
+    assert steps >= 1
