@@ -24,6 +24,23 @@ One private step on a logical batch ``(x, y, sample_weight)``:
    accumulated sum, divides by the expected batch size, and applies the
    update; its ``dp_steps`` counts logical steps (= noise releases).
 
+Distribution (``tf.distribute``): the step runs per replica on its shard;
+each replica adds noise std ``sigma*C/sqrt(R)`` to its local clipped sum
+(independent streams: process secret + global replica id), and Keras's
+all-reduce SUM of the gradients yields std ``sigma*C`` once per step (see
+``ewtune_tf.mechanism.noise``). ``MirroredStrategy`` works with ``fit``. For
+``MultiWorkerMirroredStrategy`` Keras 3.15's ``fit`` fails before the first
+step even for non-private models (``_maybe_symbolic_build`` eagerly reduces a
+PerReplica batch); use a custom loop, ``strategy.run(model.train_step,
+args=(batch,))`` inside a ``tf.function``, after ``optimizer.build``.
+
+Mixed precision: the clipped sum and the noise are float32. Under
+``mixed_float16`` Keras wraps the optimizer in a LossScaleOptimizer; the
+private step uses the inner EWTune optimizer directly, i.e. without loss
+scaling (float16 per-example gradients may underflow; prefer
+``mixed_bfloat16``). Under ``jit_compile=True`` XLA drops in-graph asserts,
+so the budget and state checks also run on the host before each step.
+
 Training metrics (loss, compiled metrics) are computed on the private batch
 and are *not* covered by the DP guarantee; pass ``report_train_metrics=False``
 to log none.
