@@ -314,3 +314,23 @@ def test_noised_update_equals_vectorized_for_fixed_seed(norm_method):
         for v, got, want in zip(variables, updates[impl], updates["vectorized"]):
             scale = max(np.abs(want).max(), 1e-6)
             np.testing.assert_allclose(got / scale, want / scale, rtol=RTOL, atol=RTOL, err_msg=v.path)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy, norm_method):
+    """Half-precision compute: norms/sums in float32 match the reference."""
+    if norm_method == "materialize":
+        pytest.skip("auto and ghost suffice")
+    keras.utils.set_random_seed(0)
+    ids_in = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(11, 8, dtype=policy)(ids_in)
+    h = keras.layers.LayerNormalization(dtype=policy)(h)
+    h = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 4), bias_axes="de", dtype=policy)(h)
+    h = keras.layers.Reshape((6, 8))(h)
+    model = keras.Model(ids_in, keras.layers.Dense(2, dtype=policy)(h))
+    ids = tf.constant(_rng().integers(0, 11, size=(4, 6)), tf.int32)
+    y = tf.constant(_rng(2).normal(size=(4, 6, 2)), tf.float32)
+    for impl in IMPLS:
+        out, _ = _check(impl, model, _seq_loss(model, ids, y), clip=0.5, rtol=3e-2)
+        assert out.norms.dtype == tf.float32
+        assert all(g.dtype == tf.float32 for g in out.grad_sum)
