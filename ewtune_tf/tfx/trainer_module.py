@@ -123,7 +123,8 @@ def run_fn(fn_args) -> None:
     features = training.tokenize(classifier, texts)
     history = training.private_fit(classifier, features, labels, config, sigma, steps)
     if history["dp_steps"] != steps:
-        # Account for what actually happened (never fewer steps than were run).
+        # Account for the noise releases actually made, never fewer. More
+        # than planned pushes epsilon over the target and fails below.
         print(f"[ewtune_tf.tfx] ran {history['dp_steps']} private steps (planned {steps})")
         steps = max(int(history["dp_steps"]), 1)
 
@@ -143,8 +144,8 @@ def run_fn(fn_args) -> None:
         extra={"config": config.to_dict(), "versions": _versions(),
                "train_loss": history["loss"], "poisson_sampling": history["sampling"]})
     if report["certified_epsilon"] > config.epsilon * (1 + 1e-9):
-        # Calibration searches with a coarser (still certified) grid; this
-        # should never trigger, but an over-budget report must not slip out.
+        # Calibration certified the planned steps; this only triggers if more
+        # steps ran than planned. An over-target model must not be exported.
         raise RuntimeError(f"certified epsilon {report['certified_epsilon']} exceeds the target "
                            f"{config.epsilon}; refusing to export")
 
