@@ -198,13 +198,14 @@ class EWTuneOptimizerMixin:
                     "wrong. Use the configuration the checkpoint was trained with."
                 )
 
-    def check_budget(self) -> None:
-        """Raises PrivacyBudgetExhausted if dp_steps reached dp_max_steps."""
+    def check_budget(self, upcoming_steps: int = 1) -> None:
+        """Raises PrivacyBudgetExhausted unless ``upcoming_steps`` more private
+        steps fit under dp_max_steps (-1: no cap)."""
         steps, cap = int(self.dp_steps.numpy()), int(self.dp_max_steps.numpy())
-        if 0 <= cap <= steps:
+        if cap >= 0 and steps + upcoming_steps > cap:
             raise PrivacyBudgetExhausted(
-                f"Privacy budget exhausted: dp_steps={steps} >= dp_max_steps={cap}; "
-                "no further private step is allowed."
+                f"Privacy budget exhausted: dp_steps={steps}, dp_max_steps={cap}; "
+                f"{upcoming_steps} more private step(s) are not allowed."
             )
 
     def _state_asserts(self) -> list:

@@ -238,7 +238,9 @@ class PrivacyBudget(keras.callbacks.Callback):
         if self.max_steps is None:
             return
         steps = int(self._optimizer().dp_steps.numpy())
-        if steps >= self.max_steps:
+        # The next train_function call runs up to steps_per_execution steps.
+        per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if steps + per_call > self.max_steps:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):

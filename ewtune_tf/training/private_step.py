@@ -145,7 +145,8 @@ def _guarded_make_train_function(self, force=False):
 
         def guarded(iterator):
             opt.check_privacy_state()
-            opt.check_budget()
+            # One call runs up to steps_per_execution private steps.
+            opt.check_budget(int(getattr(self, "steps_per_execution", 1) or 1))
             return fn(iterator)
 
         guarded._ewtune_host_guard = True

@@ -95,3 +95,23 @@ def test_budget_needs_known_sampling_probability():
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         PrivacyBudget(**kwargs)
+
+
+def test_privacy_report(tmp_path):
+    import json as _json
+
+    from ewtune_tf.data import poisson_batches
+    from ewtune_tf.training import privacy_report
+
+    x, y = _data()
+    m = _model()
+    rep0 = privacy_report(m)
+    assert rep0["steps"] == 0 and rep0["epsilon"] == 0.0
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    pb = poisson_batches(tf.data.Dataset.from_tensor_slices((x, y)), Q, max_batch_size="auto")
+    rep = privacy_report(m, pb)
+    assert rep["steps"] == 4 and rep["certified"]
+    assert rep["epsilon"] == pytest.approx(_eps(4).epsilon)
+    assert rep["sampling"]["mode"] == "poisson" and rep["sampling"]["data"]["max_batch_size"]
+    assert any("add it to delta" in n for n in rep["notes"])
+    _json.dumps(rep)
