@@ -41,10 +41,12 @@ ADD_TILTED_FLAG = "add_direction_tilted"
 # Self-check thresholds for the tilted estimate (tuned on the benchmark grid,
 # see benchmarks/accountant.py): the relative change of eps between the first-
 # and second-order saddlepoint approximations, and the standardized cumulants
-# of the tilted sum. Beyond them the asymptotic series is not trustworthy.
+# lambda3 = K'''/K''^1.5, lambda4 = K''''/K''^2 of the tilted sum. Observed
+# errors grow with them: (0.56, 0.79) -> 0.03 %, (1.34, 1.96) -> 0.46 %,
+# (1.6, 4.9) -> 0.9 %. Beyond the thresholds the series is not trusted.
 _MAX_ORDER_DISAGREEMENT = 0.01
-_MAX_LAMBDA3 = 2.0
-_MAX_LAMBDA4 = 4.0
+_MAX_LAMBDA3 = 1.0
+_MAX_LAMBDA4 = 1.2
 
 
 @dataclasses.dataclass(frozen=True)
