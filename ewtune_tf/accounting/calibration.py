@@ -167,7 +167,7 @@ def calibrate_noise_multiplier(
     est_acc = lambda: _LocateAccountant(method, order, certify=False)
   else:
     est_acc = lambda: accountant_lib.EdgeworthAccountant(method, order, certify=False)
-  lower = math.log(0.1)
+  lower = math.log(0.3)
   while True:
     eps_low = est_acc().compose(_event(q, m, lower)).get_epsilon(target_delta)
     if eps_low > target_epsilon:
