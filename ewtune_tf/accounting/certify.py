@@ -41,11 +41,19 @@ def build_pld(components: Sequence[pllr.Component], interval: float,
   """PLD (both directions) of a composition of subsampled Gaussians."""
   out = None
   for q, sigma, count in components:
-    one = pld_lib.from_gaussian_mechanism(
-        standard_deviation=sigma, sensitivity=1.0,
-        pessimistic_estimate=pessimistic,
-        value_discretization_interval=interval,
-        sampling_prob=q).self_compose(int(count))
+    if q == 1.0:
+      # count Gaussian steps compose exactly into one with sigma / sqrt(count)
+      # (as dp_accounting's PLDAccountant does): one discretisation, not count.
+      one = pld_lib.from_gaussian_mechanism(
+          standard_deviation=sigma / math.sqrt(count), sensitivity=1.0,
+          pessimistic_estimate=pessimistic,
+          value_discretization_interval=interval)
+    else:
+      one = pld_lib.from_gaussian_mechanism(
+          standard_deviation=sigma, sensitivity=1.0,
+          pessimistic_estimate=pessimistic,
+          value_discretization_interval=interval,
+          sampling_prob=q).self_compose(int(count))
     out = one if out is None else out.compose(one)
   return out
 

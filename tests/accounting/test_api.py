@@ -1,6 +1,7 @@
 """Tests for ewtune_tf/accounting/api.py: compute_epsilon / compute_delta."""
 
 
+import numpy as np
 import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from hypothesis import assume, given, settings, strategies as st
@@ -119,3 +120,17 @@ def test_delta_epsilon_delta_round_trip(q, sigma, m, log_delta):
     return  # The round trip is a property of the analytic estimate.
   d = compute_delta(epsilon=r.epsilon, **kw)
   assert d.delta == pytest.approx(delta, rel=1e-6)
+
+
+def test_plain_gaussian_matches_closed_form():
+  # q = 1: m steps are mu-GDP with mu = sqrt(m) / sigma (exact (eps, delta) curve).
+  from scipy import optimize, stats
+  sigma, m, delta = 2.0, 100, 1e-5
+  mu = m ** 0.5 / sigma
+  f = lambda e: (stats.norm.cdf(-e / mu + mu / 2)
+                 - np.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - delta)
+  exact = optimize.brentq(f, 0.0, 200.0, xtol=1e-12)
+  r = compute_epsilon(sampling_probability=1.0, noise_multiplier=sigma, steps=m,
+                      delta=delta)
+  assert r.estimate == pytest.approx(exact, rel=1e-8)
+  assert exact <= r.epsilon <= exact * 1.005 and r.certified
