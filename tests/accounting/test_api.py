@@ -1,6 +1,5 @@
 """Tests for ewtune_tf/accounting/api.py: compute_epsilon / compute_delta."""
 
-
 import numpy as np
 import pytest
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
