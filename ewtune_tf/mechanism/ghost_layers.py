@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import string
+import threading
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import keras
@@ -558,25 +559,58 @@ def _all_layers(model) -> list:
     return [model]
 
 
+# Patches are shared between threads: tf.distribute.MirroredStrategy traces
+# one replica function per device in parallel threads on the *same* layer
+# objects. A layer is patched once (reference counted, under a lock) with a
+# dispatcher that uses the calling thread's active Recorder, and the
+# original ``call`` when that thread has none.
+_LOCK = threading.Lock()
+_PATCHED: Dict[int, list] = {}  # id(layer) -> [layer, had_instance_call, original, count]
+_TLS = threading.local()
+
+
+def _dispatcher(layer, factory, original):
+    def call(*args, **kwargs):
+        rec = getattr(_TLS, "recorder", None)
+        if rec is None or not rec.wants_any(*layer.trainable_weights):
+            return original(*args, **kwargs)
+        return factory(layer, rec, original)(*args, **kwargs)
+
+    return call
+
+
 @contextlib.contextmanager
 def capture_layers(model, rec: Recorder) -> Iterator[None]:
-    """Patches supported layers of ``model`` that own a requested variable."""
-    patched = []
+    """Routes supported layers of ``model`` that own a requested variable
+    through their tapped implementation, for calls made by this thread."""
+    installed = []
+    previous = getattr(_TLS, "recorder", None)
+    _TLS.recorder = rec
     try:
-        for layer in _all_layers(model):
-            factory = _patch_factory(layer)
-            if factory is None:
-                continue
-            if not rec.wants_any(*layer.trainable_weights):
-                continue
-            had = "call" in layer.__dict__
-            original = layer.call
-            object.__setattr__(layer, "call", factory(layer, rec, original))
-            patched.append((layer, had, original))
+        with _LOCK:
+            for layer in _all_layers(model):
+                factory = _patch_factory(layer)
+                if factory is None or not rec.wants_any(*layer.trainable_weights):
+                    continue
+                entry = _PATCHED.get(id(layer))
+                if entry is None:
+                    had = "call" in layer.__dict__
+                    original = layer.call
+                    object.__setattr__(layer, "call", _dispatcher(layer, factory, original))
+                    entry = _PATCHED[id(layer)] = [layer, had, original, 0]
+                entry[3] += 1
+                installed.append(id(layer))
         yield
     finally:
-        for layer, had, original in reversed(patched):
-            if had:
-                object.__setattr__(layer, "call", original)
-            else:
-                object.__delattr__(layer, "call")
+        _TLS.recorder = previous
+        with _LOCK:
+            for key in reversed(installed):
+                entry = _PATCHED[key]
+                entry[3] -= 1
+                if entry[3] == 0:
+                    layer, had, original, _ = entry
+                    if had:
+                        object.__setattr__(layer, "call", original)
+                    else:
+                        object.__delattr__(layer, "call")
+                    del _PATCHED[key]
