@@ -207,6 +207,9 @@ def estimate_delta(components: Sequence[pllr.Component], epsilon: float,
   flags = []
   try:
     add, add_diag = tilted.delta_from_epsilon(components, epsilon, max(order, 2), "add")
+    if add > 0 and (abs(add_diag.lambda3) > _MAX_LAMBDA3
+                    or abs(add_diag.lambda4) > _MAX_LAMBDA4):
+      return None, tuple(flags)
     if method == "tilted":
       rem, diag = tilted.delta_from_epsilon(components, epsilon, order, "remove")
       other = 1 if order >= 2 else 2
