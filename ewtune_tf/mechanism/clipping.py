@@ -109,7 +109,13 @@ def get_clipping_impl(name: str) -> ClippingFn:
 
 
 def check_l2_norm_clip(l2_norm_clip) -> float:
-    """Validates l2_norm_clip: a float in (0, inf]."""
+    """Validates l2_norm_clip: a float in (0, inf].
+
+    A tensor (the current clip of adaptive clipping, read from a variable) is
+    returned unchecked: its value is produced and kept positive in-graph.
+    """
+    if tf.is_tensor(l2_norm_clip) or isinstance(l2_norm_clip, tf.Variable):
+        return l2_norm_clip
     try:
         c = float(l2_norm_clip)
     except (TypeError, ValueError):

@@ -57,6 +57,9 @@ _PRIVACY_KEYS = (
     "sampling",
     "noise_seed",
     "noise_multiplier_source",
+    "target_unclipped_quantile",
+    "clip_learning_rate",
+    "clipped_count_stddev",
 )
 
 
@@ -94,6 +97,9 @@ class EWTuneOptimizerMixin:
         sampling="poisson",
         noise_seed=None,
         noise_multiplier_source=None,
+        target_unclipped_quantile=None,
+        clip_learning_rate=0.2,
+        clipped_count_stddev=None,
         **kwargs,
     ):
         if kwargs.get("gradient_accumulation_steps"):
@@ -121,6 +127,9 @@ class EWTuneOptimizerMixin:
             sampling=sampling,
             noise_seed=noise_seed,
             noise_multiplier_source=noise_multiplier_source,
+            target_unclipped_quantile=target_unclipped_quantile,
+            clip_learning_rate=clip_learning_rate,
+            clipped_count_stddev=clipped_count_stddev,
         )
         super().__init__(*args, **kwargs)
         self._privacy = config
@@ -156,6 +165,15 @@ class EWTuneOptimizerMixin:
         self.dp_max_steps = var("dp_max_steps", -1, "int64")
         self.dp_epsilon = var("dp_epsilon", -1.0, "float64")
         self.dp_epsilon_estimate = var("dp_epsilon_estimate", -1.0, "float64")
+        # Current clip of adaptive clipping (= l2_norm_clip when fixed).
+        self.dp_adaptive_clip = var(
+            "dp_adaptive_clip", cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0, "float32")
+
+    def current_l2_norm_clip(self):
+        """The clip to use now: a float (fixed) or a float32 tensor (adaptive)."""
+        if self._privacy.adaptive_clipping:
+            return tf.convert_to_tensor(self.dp_adaptive_clip)
+        return self._privacy.l2_norm_clip
 
     @property
     def privacy_config(self) -> PrivacyConfig:
@@ -173,6 +191,7 @@ class EWTuneOptimizerMixin:
             "epsilon": float(self.dp_epsilon.numpy()),
             "epsilon_estimate": float(self.dp_epsilon_estimate.numpy()),
             "sampling": self._privacy.sampling,
+            "current_l2_norm_clip": float(self.dp_adaptive_clip.numpy()),
         }
 
     def check_privacy_state(self) -> None:
@@ -290,6 +309,7 @@ class EWTuneOptimizerMixin:
         trainable_variables: Sequence,
         *,
         physical_batch_size: Optional[int],
+        centered_unclipped_count: Optional[tf.Tensor] = None,
     ):
         """Noises the local clipped sum, normalizes and applies one update.
 
@@ -314,17 +334,39 @@ class EWTuneOptimizerMixin:
         with tf.control_dependencies(self._state_asserts() + finite):
             step = tf.identity(tf.convert_to_tensor(self.dp_steps))
         seed = noise_lib.make_seed(step, replica_id, cfg.noise_seed)
-        noised = noise_lib.add_gaussian_noise(
-            clipped_sum,
-            l2_norm_clip=cfg.l2_norm_clip,
-            noise_multiplier=cfg.noise_multiplier,
-            seed=seed,
-            num_replicas=num_replicas,
-        )
+        new_clip = None
+        if cfg.adaptive_clipping:
+            if num_replicas > 1:
+                raise ValueError(
+                    "target_unclipped_quantile (adaptive clipping) supports a single replica "
+                    f"only; this strategy has {num_replicas}. Use a fixed l2_norm_clip.")
+            if centered_unclipped_count is None:
+                raise ValueError("adaptive clipping needs the centered unclipped count from the train step.")
+            noised, new_clip = noise_lib.add_gaussian_noise_adaptive(
+                clipped_sum,
+                centered_unclipped_count,
+                l2_norm_clip=self.current_l2_norm_clip(),
+                noise_multiplier=cfg.noise_multiplier,
+                clipped_count_stddev=cfg.clipped_count_stddev,
+                target_unclipped_quantile=cfg.target_unclipped_quantile,
+                learning_rate=cfg.clip_learning_rate,
+                expected_records=divisor,
+                seed=seed,
+            )
+        else:
+            noised = noise_lib.add_gaussian_noise(
+                clipped_sum,
+                l2_norm_clip=cfg.l2_norm_clip,
+                noise_multiplier=cfg.noise_multiplier,
+                seed=seed,
+                num_replicas=num_replicas,
+            )
         grads = noise_lib.normalize(noised, divisor)
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, trainable_variables)]
         with self._private_update_scope():
             self.apply(grads, trainable_variables)
+        if new_clip is not None:
+            self.dp_adaptive_clip.assign(new_clip)
         self.dp_steps.assign_add(1)
         return grads
 
@@ -349,6 +391,9 @@ class EWTuneOptimizerMixin:
             sampling=cfg.sampling,
             noise_seed=cfg.noise_seed,
             noise_multiplier_source=cfg.noise_multiplier_source,
+            target_unclipped_quantile=cfg.target_unclipped_quantile,
+            clip_learning_rate=cfg.clip_learning_rate,
+            clipped_count_stddev=cfg.clipped_count_stddev,
         )
         return config
 

@@ -65,6 +65,12 @@ class PrivacyConfig:
       sampling: "poisson" (what the accountant assumes) or "shuffle".
       noise_seed: None (secure OS entropy) or a fixed int (tests only).
       noise_multiplier_source: "given" or "calibrated".
+      target_unclipped_quantile: None (fixed clip) or, for adaptive clipping
+        (Andrew et al. 2021), the target fraction of unclipped records in
+        (0, 1); l2_norm_clip is then the initial clip.
+      clip_learning_rate: geometric learning rate of the adaptive clip (> 0).
+      clipped_count_stddev: noise std of the adaptive clipping count, in
+        records (> noise_multiplier / 2); default expected_batch_size / 20.
     """
 
     l2_norm_clip: float
@@ -83,6 +89,13 @@ class PrivacyConfig:
     sampling: str = "poisson"
     noise_seed: Optional[int] = None
     noise_multiplier_source: str = "given"
+    target_unclipped_quantile: Optional[float] = None
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: Optional[float] = None
+
+    @property
+    def adaptive_clipping(self) -> bool:
+        return self.target_unclipped_quantile is not None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,6 +119,9 @@ def resolve_privacy_config(
     sampling="poisson",
     noise_seed=None,
     noise_multiplier_source=None,
+    target_unclipped_quantile=None,
+    clip_learning_rate=0.2,
+    clipped_count_stddev=None,
 ) -> PrivacyConfig:
     """Validates the optimizer's privacy arguments and calibrates sigma.
 
@@ -207,7 +223,26 @@ def resolve_privacy_config(
             "offers NO privacy. Use only for tests.",
             stacklevel=3,
         )
+    tq = cc = None
+    lr = _check_float("clip_learning_rate", clip_learning_rate, 0.0, math.inf)
+    if target_unclipped_quantile is not None:
+        tq = _check_float("target_unclipped_quantile", target_unclipped_quantile, 0.0, 1.0)
+        if not math.isfinite(c):
+            raise ValueError("l2_norm_clip (the initial clip of adaptive clipping) must be finite; got inf.")
+        if clipped_count_stddev is None:
+            if b is None:
+                raise ValueError(
+                    "clipped_count_stddev (> 0, records) is required for adaptive clipping "
+                    "when batch_size (the expected batch size) is unknown.")
+            clipped_count_stddev = b / 20.0
+        cc = _check_float("clipped_count_stddev", clipped_count_stddev, 0.0, math.inf)
+        noise_lib.adaptive_sum_noise_multiplier(sigma, cc)  # ValueError if too small
+    elif clipped_count_stddev is not None:
+        raise ValueError("clipped_count_stddev is only used with target_unclipped_quantile (adaptive clipping).")
     return PrivacyConfig(
+        target_unclipped_quantile=tq,
+        clip_learning_rate=lr,
+        clipped_count_stddev=cc,
         l2_norm_clip=c,
         noise_multiplier=sigma,
         sampling_probability=q,

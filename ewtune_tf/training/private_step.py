@@ -195,7 +195,8 @@ def private_train_step(self, data):
     cfg = opt.privacy_config
     clipping = opts.clipping or cfg.clipping
     nmb = opts.num_microbatches if opts.num_microbatches is not None else cfg.num_microbatches
-    l2_norm_clip = cfg.l2_norm_clip
+    l2_norm_clip = opt.current_l2_norm_clip()  # a tensor under adaptive clipping
+    adaptive = cfg.adaptive_clipping
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = list(self.trainable_variables)
     if not variables:
@@ -243,18 +244,34 @@ def private_train_step(self, data):
             variables, l2_norm_clip, nmb,
         )
         grad_sum = result.grad_sum
+        count = _centered_unclipped_count(result.norms, sample_weight, nmb, l2_norm_clip) if adaptive else None
         chunk_size = static_b
     else:
         per_example.check_num_microbatches(nmb, p)
-        grad_sum = _chunked_clipped_sum(
+        grad_sum, count = _chunked_clipped_sum(
             self, forward, x, y, sample_weight, variables, clipping, l2_norm_clip, nmb, p,
             opts.report_train_metrics,
         )
+        count = count if adaptive else None
         chunk_size = p
-    opt.apply_private_gradients(grad_sum, variables, physical_batch_size=chunk_size)
+    opt.apply_private_gradients(
+        grad_sum, variables, physical_batch_size=chunk_size, centered_unclipped_count=count)
     if opts.report_train_metrics:
         return self.get_metrics_result()
     return {}
+
+
+def _centered_unclipped_count(norms, sample_weight, nmb, l2_norm_clip):
+    """sum over real records of (1[norm <= clip] - 1/2) (adaptive clipping).
+
+    A record is real if any of its examples has a nonzero weight; padding
+    records (norm 0) must not count as unclipped.
+    """
+    real = tf.reshape(sample_weight, [-1]) != 0.0
+    if nmb is not None:
+        real = tf.reduce_any(tf.reshape(real, [nmb, -1]), axis=1)
+    below = tf.cast(norms <= tf.cast(l2_norm_clip, tf.float32), tf.float32) - 0.5
+    return tf.reduce_sum(tf.where(real, below, tf.zeros_like(below)))
 
 
 def _pad_rows(t, pad):
@@ -266,7 +283,8 @@ def _pad_rows(t, pad):
 
 
 def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_clip, nmb, p, report):
-    """Accumulates clipped sums over physical chunks of ``p`` rows."""
+    """Accumulates clipped sums (and the adaptive-clipping count) over
+    physical chunks of ``p`` rows."""
     batch = tf.shape(w)[0]
     pad = (-batch) % p
     xs = tf.nest.map_structure(lambda t: _pad_rows(t, pad), x)
@@ -288,14 +306,16 @@ def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_c
 
     zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
 
-    def body(i, acc):
+    def body(i, acc, count):
         xc = tf.nest.map_structure(lambda t: chunk(t, i), xs)
         yc = tf.nest.map_structure(lambda t: chunk(t, i), ys)
         wc = chunk(ws, i)
         res = clipping_lib.clipped_gradient_sum(
             clipping, model, forward(xc, yc, wc, report), variables, l2_norm_clip, nmb
         )
-        return i + 1, [a + g for a, g in zip(acc, res.grad_sum)]
+        count = count + _centered_unclipped_count(res.norms, wc, nmb, l2_norm_clip)
+        return i + 1, [a + g for a, g in zip(acc, res.grad_sum)], count
 
-    _, acc = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), zeros))
-    return list(acc)
+    _, acc, count = tf.while_loop(
+        lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)))
+    return list(acc), count

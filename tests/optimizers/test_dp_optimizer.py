@@ -150,3 +150,11 @@ def test_budget_cap_blocks_step():
     with pytest.raises(tf.errors.InvalidArgumentError, match="budget exhausted"):
         opt.apply_private_gradients([tf.zeros([1])], [v], physical_batch_size=None)
     assert opt.privacy_state()["steps"] == 0
+
+
+def test_adaptive_clipping_config_round_trip():
+    opt = EWTuneSGD(0.1, target_unclipped_quantile=0.5, clip_learning_rate=0.3, **{**BASE, "batch_size": 100})
+    assert opt.privacy_config.clipped_count_stddev == pytest.approx(100 / 20)
+    again = EWTuneSGD.from_config(opt.get_config())
+    assert again.privacy_config == opt.privacy_config
+    assert again.privacy_state()["current_l2_norm_clip"] == 1.0
