@@ -8,7 +8,9 @@
 
 SHELL := /bin/bash
 PYTHON ?= python3.11
-PYTHON_TFX ?= $(shell command -v python3.10 2>/dev/null || echo $(HOME)/.pyenv/versions/3.10.13/bin/python3.10)
+# The pyenv shim for python3.10 fails unless that version is selected, so
+# prefer the real interpreter under ~/.pyenv.
+PYTHON_TFX ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
 VENV := .venv
 VENV_TFX := .venv-tfx
 BIN := $(VENV)/bin
@@ -54,7 +56,7 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_FLAGS)
 
 test-tfx: install-tfx
-	$(VENV_TFX)/bin/python -m pytest -q -m tfx tests/tfx $(PYTEST_FLAGS)
+	$(VENV_TFX)/bin/python -m pytest -q tests/tfx $(PYTEST_FLAGS)
 
 bench: install
 	mkdir -p bench_results
@@ -66,7 +68,7 @@ bench: install
 lock:
 	uv pip compile requirements/main.in --python-version 3.11 -o requirements/main.lock
 lock-tfx:
-	uv pip compile requirements/tfx.in --python-version 3.10 -o requirements/tfx.lock
+	uv pip compile requirements/tfx.in --python-version 3.10 --python-platform x86_64-manylinux_2_28 -o requirements/tfx.lock
 
 clean:
 	rm -rf $(VENV) $(VENV_TFX) runs bench_results .pytest_cache .hypothesis
