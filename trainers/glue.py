@@ -31,6 +31,43 @@ The last line printed is one JSON object: dev_accuracy, epsilon (certified;
 
 --no_dp trains the same configuration without clipping or noise (a
 baseline); every output then says ``"private": false`` and epsilon = inf.
+
+Checkpoint and resume
+---------------------
+Every --checkpoint_every logical steps and at every epoch end the run saves
+the model weights and the whole optimizer state (Adam slots, ``iterations``
+and the EWTune privacy variables ``dp_steps``, ``dp_noise_multiplier``,
+``dp_sampling_probability``, ``dp_delta``, ``dp_l2_norm_clip``) with
+``tf.train.CheckpointManager`` to ``<output_dir>/checkpoints/ckpt-<step>``,
+then an atomic JSON sidecar ``checkpoints/state.json`` (temp file +
+``os.replace``) naming that checkpoint, the step, the epsilon history so far
+and the privacy configuration (sigma, q, delta, l2_norm_clip, target epsilon,
+planned steps, sampling, accountant, N, B). The sidecar is written *after*
+the checkpoint it names, so it always points at a complete checkpoint.
+
+Rerunning the same command with the same --output_dir resumes: the privacy
+configuration is recomputed from the flags and compared with the sidecar's
+(any difference: exit 2, naming each mismatching parameter, before anything
+is written), the named checkpoint is restored (checkpoints newer than the
+sidecar, left by a kill between the two writes, are deleted: their steps were
+never recorded and are never released), and training continues from the
+restored logical step for exactly the remaining steps. ``dp_steps`` comes from
+the checkpoint, so epsilon never resets and never double counts: the final
+step count and certified epsilon equal those of an uninterrupted run.
+--no_resume refuses to start when --output_dir already holds a checkpoint.
+
+Why resuming with fresh samples is sound: the accountant certifies the
+T-fold adaptive composition of the Poisson-subsampled Gaussian mechanism. Each
+step draws its batch independently (every example in with probability q,
+independently of all other steps) and its noise independently, so the steps
+after the restored step t are distributed exactly as in an uninterrupted run
+given the state at t, whichever randomness produced them; composition allows
+each step to depend adaptively on the previous outputs (the restored state).
+Steps the killed process took after its last checkpoint never reach any output
+(their checkpoints are deleted on resume), and the T steps that do are
+counted once each. With --sampling_seed (tests only), the batch at logical
+step t depends only on (sampling_seed, t), so a resumed run samples the same
+batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -75,6 +112,12 @@ DEFAULTS = dict(
     export_dir="saved_models",
     clipping="ghost",
 )
+
+
+DEFAULT_CHECKPOINT_EVERY = 20
+CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_STATE = "state.json"  # The sidecar: names the checkpoint to resume from.
+CHECKPOINT_PREFIX = "ckpt"
 
 
 class UsageError(ValueError):
@@ -129,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_dp", action="store_true",
                    help="NON-PRIVATE baseline: no clipping, no noise (epsilon = inf in all outputs).")
     p.add_argument("--no_export", action="store_true", help="Skip the SavedModel export.")
+    p.add_argument("--checkpoint_every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                   help="Checkpoint (weights + optimizer/privacy state + epsilon history) every K logical steps "
+                        f"and at every epoch end into <output_dir>/checkpoints; K >= 0, 0 = epoch ends only "
+                        f"(default {DEFAULT_CHECKPOINT_EVERY}). Rerunning the same command resumes.")
+    p.add_argument("--no_resume", action="store_true",
+                   help="Do not resume: refuse to start if --output_dir already holds a checkpoint.")
+    p.add_argument("--sampling_seed", type=int, default=None,
+                   help="TESTS ONLY: fixed Poisson sampling seed (>= 0); the batch of logical step t then "
+                        "depends only on (sampling_seed, t). Privacy amplification by sampling assumes a secret "
+                        "seed; the report records fixed_seed=true. Default: secret OS entropy.")
     return p
 
 
@@ -169,6 +222,10 @@ def validate_args(args: argparse.Namespace) -> None:
            "an integer >= 1", args.max_train_examples)
     _check(args.max_eval_examples is None or args.max_eval_examples >= 1, "--max_eval_examples",
            "an integer >= 1", args.max_eval_examples)
+    _check(args.checkpoint_every >= 0, "--checkpoint_every", "an integer >= 0 (0 = epoch ends only)",
+           args.checkpoint_every)
+    _check(args.sampling_seed is None or args.sampling_seed >= 0, "--sampling_seed", "an integer >= 0 or unset",
+           args.sampling_seed)
     _check(bool(args.output_dir), "--output_dir", "a directory path", args.output_dir)
     _check(bool(args.export_dir), "--export_dir", "a directory path", args.export_dir)
     for flag, path in (("--output_dir", args.output_dir), ("--export_dir", args.export_dir)):
@@ -271,39 +328,53 @@ def _trimming_model(classifier):
     return DynamicPaddingClassifier(classifier, name="dynamic_padding_classifier")
 
 
-def _scalar_logger(log_dir: str):
+def _scalar_logger(log_dir: str, logical_step):
     """Keras callback writing epoch scalars (loss, accuracy, epsilon, ...) as
-    TensorBoard event files. Uses the core ``tf.summary.write`` op with the
-    scalars-plugin metadata, so it works without the ``tensorboard`` package
-    (Keras's TensorBoard callback and ``tf.summary.scalar`` need it)."""
+    TensorBoard event files at x = the logical step (``logical_step()``, which
+    continues across a resume). Uses ``tf.summary.scalar`` when the
+    ``tensorboard`` package is installed, else the core ``tf.summary.write``
+    op with the scalars-plugin metadata (the same event)."""
     import keras
     import tensorflow as tf
     from tensorflow.core.framework import summary_pb2
 
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = "scalars"
+    try:
+        import tensorboard  # noqa: F401
+
+        have_tensorboard = True
+    except ImportError:
+        have_tensorboard = False
 
     class ScalarLogger(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.writer = tf.summary.create_file_writer(log_dir)
-            self.step = 0
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.step += 1
 
         def on_epoch_end(self, epoch, logs=None):
+            step = int(logical_step())
             with self.writer.as_default():
                 for key, value in (logs or {}).items():
                     try:
                         value = float(value)
                     except (TypeError, ValueError):
                         continue
-                    tf.summary.write(f"epoch/{key}", tf.constant(value, tf.float32), step=self.step,
-                                     metadata=metadata)
+                    if have_tensorboard:
+                        tf.summary.scalar(f"epoch/{key}", value, step=step)
+                    else:
+                        tf.summary.write(f"epoch/{key}", tf.constant(value, tf.float32), step=step,
+                                         metadata=metadata)
             self.writer.flush()
 
     return ScalarLogger()
+
+
+def _epoch_seed(sampling_seed: int, epoch: int) -> int:
+    """Poisson seed of one epoch (--sampling_seed only): with the batch index
+    inside the epoch it determines the batch, so a step's batch depends only
+    on (sampling_seed, logical step)."""
+    return (int(sampling_seed) * 1_000_003 + int(epoch)) % (2**62)
 
 
 def _sort_by_length(x, y, w):
@@ -372,6 +443,206 @@ def _privacy_plot(path: str, q: float, sigma: float, steps: int, delta: float, m
     return {"steps": grid, "epsilon": eps, "curve_epsilon": eps_grid, "curve_delta": deltas}
 
 
+
+# ------------------------------------------------------ checkpoint / resume
+
+# Privacy-configuration keys -> the flag(s) a user changes to change them.
+_PRIVACY_KEYS = {
+    "private": "--no_dp",
+    "noise_multiplier": "noise multiplier sigma (calibrated from --epsilon/--delta/--batch_size/--epochs/"
+                        "--max_steps/--accountant)",
+    "sampling_probability": "sampling probability q (--batch_size / number of training examples)",
+    "delta": "--delta",
+    "l2_norm_clip": "--l2_norm_clip",
+    "target_epsilon": "--epsilon",
+    "planned_steps": "planned logical steps (--epochs/--max_steps/--batch_size)",
+    "sampling": "sampling method",
+    "accountant": "--accountant",
+    "num_examples": "number of training examples (--max_train_examples / data)",
+    "batch_size": "--batch_size",
+}
+# Keys that change what a checkpoint holds or how its step count is read.
+_TRAINING_KEYS = {
+    "task": "--task",
+    "model": "--model",
+    "lora_rank": "--lora_rank",
+    "trainable_layers": "--trainable_layers",
+    "sequence_length": "--sequence_length",
+    "clipping": "--clipping",
+    "learning_rate": "--learning_rate",
+    "physical_batch_size": "--physical_batch_size (logical step = physical batches // accumulation, --no_dp)",
+}
+
+
+def _privacy_config(args: argparse.Namespace, n: int, q: float, sigma: float, total_steps: int) -> Dict:
+    """What the accountant's answer depends on; must match on resume."""
+    return {
+        "private": not args.no_dp,
+        "noise_multiplier": float(sigma),
+        "sampling_probability": float(q),
+        "delta": float(args.delta),
+        "l2_norm_clip": None if args.no_dp else float(args.l2_norm_clip),
+        "target_epsilon": None if args.no_dp else float(args.epsilon),
+        "planned_steps": int(total_steps),
+        "sampling": "shuffle" if args.no_dp else "poisson",
+        "accountant": args.accountant,
+        "num_examples": int(n),
+        "batch_size": int(args.batch_size),
+    }
+
+
+def _training_config(args: argparse.Namespace) -> Dict:
+    cfg = {k: getattr(args, k) for k in _TRAINING_KEYS}
+    if not args.no_dp:
+        cfg["physical_batch_size"] = None  # Chunking does not change a private step.
+    return cfg
+
+
+def _checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINT_SUBDIR)
+
+
+def read_checkpoint_state(output_dir: str) -> Optional[Dict]:
+    """The resume sidecar of ``output_dir`` (None if there is none).
+
+    A sidecar that does not parse cannot come from this trainer (it is
+    written atomically), so it is an error rather than a silent fresh start.
+    """
+    path = os.path.join(_checkpoint_dir(output_dir), CHECKPOINT_STATE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        int(state["step"]), str(state["checkpoint"]), dict(state["privacy_config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--output_dir {output_dir!r} holds an unreadable checkpoint state {path} ({e}); "
+                         "remove its checkpoints/ directory or use another --output_dir.") from None
+    return state
+
+
+def _config_mismatches(saved: Dict, current: Dict, names: Dict[str, str]) -> List[str]:
+    out = []
+    for key, label in names.items():
+        if saved.get(key) != current.get(key):
+            out.append(f"{key} [{label}]: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}")
+    return out
+
+
+def check_resume(args: argparse.Namespace, privacy_cfg: Dict) -> Optional[Dict]:
+    """Decides fresh start vs resume before anything is written.
+
+    Returns the sidecar to resume from, or None for a fresh start. Raises
+    UsageError (exit 2) for --no_resume with an existing checkpoint, or a
+    checkpoint from a different privacy (or model/training) configuration.
+    """
+    state = read_checkpoint_state(args.output_dir)
+    if state is None:
+        return None
+    where = os.path.join(_checkpoint_dir(args.output_dir), state["checkpoint"])
+    if args.no_resume:
+        raise UsageError(
+            f"--no_resume: --output_dir {args.output_dir!r} already holds a checkpoint ({where}, logical step "
+            f"{state['step']}); refusing to overwrite it. Use another --output_dir, remove its "
+            f"{CHECKPOINT_SUBDIR}/ directory, or drop --no_resume to resume it.")
+    bad = _config_mismatches(state["privacy_config"], privacy_cfg, _PRIVACY_KEYS)
+    if bad:
+        raise UsageError(
+            f"--output_dir {args.output_dir!r} holds a checkpoint ({where}) from a different privacy "
+            "configuration; resuming would compose different mechanisms under one epsilon. Mismatching: "
+            + "; ".join(bad) + ". Rerun with the checkpoint's flags, or use another --output_dir (or --no_resume "
+            "with a fresh one).")
+    bad = _config_mismatches(state.get("training_config", {}), _training_config(args), _TRAINING_KEYS)
+    if bad:
+        raise UsageError(
+            f"--output_dir {args.output_dir!r} holds a checkpoint ({where}) of a different model/training "
+            "configuration. Mismatching: " + "; ".join(bad) + ".")
+    if not 0 <= int(state["step"]) <= privacy_cfg["planned_steps"]:
+        raise UsageError(f"checkpoint state {where}: step {state['step']} outside [0, "
+                         f"{privacy_cfg['planned_steps']}] (planned steps).")
+    return state
+
+
+def _checkpoint_number(name: str) -> Optional[int]:
+    head = name.split(".", 1)[0]
+    if not head.startswith(CHECKPOINT_PREFIX + "-"):
+        return None
+    try:
+        return int(head[len(CHECKPOINT_PREFIX) + 1:])
+    except ValueError:
+        return None
+
+
+def _remove_checkpoints_after(ckpt_dir: str, step: int) -> List[str]:
+    """Deletes checkpoint files numbered > step (a kill between a checkpoint
+    and its sidecar leaves one: its steps were never recorded, so no output may
+    reflect them)."""
+    removed = []
+    if not os.path.isdir(ckpt_dir):
+        return removed
+    for name in sorted(os.listdir(ckpt_dir)):
+        number = _checkpoint_number(name)
+        if number is not None and number > step:
+            os.unlink(os.path.join(ckpt_dir, name))
+            removed.append(name)
+    return removed
+
+
+def _checkpointer(model, optimizer, ckpt_dir: str, every: int, logical_step, at_boundary, budget,
+                  privacy_cfg: Dict, training_cfg: Dict):
+    """Keras callback: checkpoint every ``every`` logical steps and at epoch end.
+
+    Order of writes: the TF checkpoint (CheckpointManager: temp files, then
+    the index) and only then the sidecar naming it (atomic replace). A kill at
+    any point leaves the previous sidecar pointing at a complete checkpoint.
+    Place it after PrivacyBudget so the epoch-end sidecar has that epoch's
+    epsilon entry.
+    """
+    import keras
+    import tensorflow as tf
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    # max_to_keep >= 2: the sidecar may still name the previous checkpoint
+    # while the next one is being written.
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=2, checkpoint_name=CHECKPOINT_PREFIX)
+
+    class Checkpointer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.last_saved: Optional[int] = None
+            self.checkpoint = checkpoint
+
+        def save(self) -> None:
+            step = logical_step()
+            if step == self.last_saved:
+                return
+            path = manager.save(checkpoint_number=step)
+            _atomic_write_json(os.path.join(ckpt_dir, CHECKPOINT_STATE), {
+                "format": 1,
+                "step": step,
+                "checkpoint": os.path.basename(path),
+                "privacy_config": privacy_cfg,
+                "training_config": training_cfg,
+                "epsilon_history": list(budget.history) if budget is not None else [],
+                "privacy_state": (optimizer.privacy_state() if hasattr(optimizer, "privacy_state") else None),
+                "saved_unix_time": time.time(),
+            })
+            self.last_saved = step
+
+        def on_train_batch_end(self, batch, logs=None):
+            steps_this_epoch = (self.params or {}).get("steps")
+            if steps_this_epoch and batch + 1 >= steps_this_epoch:
+                return  # The epoch-end save covers it (with the epoch's epsilon entry).
+            if every and at_boundary() and logical_step() % every == 0:
+                self.save()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if at_boundary():
+                self.save()
+
+    return Checkpointer()
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -423,6 +694,13 @@ def run(args: argparse.Namespace) -> Dict:
         _log(f"[privacy] q={q:.5g} (B={args.batch_size}, N={n}), steps={total_steps}, "
              f"sigma={sigma:.4f} calibrated for certified eps<={args.epsilon:g} at delta={args.delta:g} "
              f"({calibration.epsilon.method})")
+
+    # ---- resume or fresh start: decided (and refused on mismatch) before
+    # anything is written.
+    privacy_cfg = _privacy_config(args, n, q, sigma, total_steps)
+    training_cfg = _training_config(args)
+    resume_state = check_resume(args, privacy_cfg)
+    start_step = 0 if resume_state is None else int(resume_state["step"])
 
     # ---- model and tokens.
     with strategy.scope():
@@ -479,36 +757,102 @@ def run(args: argparse.Namespace) -> Dict:
             model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
             make_private(model, physical_batch_size=args.physical_batch_size)
 
-    callbacks = []
+    # Logical step counter: dp_steps (noise releases) for private runs; for
+    # --no_dp, optimizer iterations (physical batches) // accumulation.
+    accumulate = max(1, int(math.ceil(args.batch_size / args.physical_batch_size))) if args.no_dp else 1
     if args.no_dp:
-        # Same examples per step on average, fixed-size shuffled batches.
-        train_ds = (base_ds.shuffle(n, seed=args.seed, reshuffle_each_iteration=True).repeat()
-                    .batch(args.physical_batch_size, drop_remainder=False)
-                    .map(lambda x, y: _sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2]))
-        fit_steps = steps_per_fit_epoch * max(1, int(math.ceil(args.batch_size / args.physical_batch_size)))
+        logical_step = lambda: int(optimizer.iterations.numpy()) // accumulate  # noqa: E731
+        at_boundary = lambda: int(optimizer.iterations.numpy()) % accumulate == 0  # noqa: E731
     else:
+        logical_step = lambda: int(optimizer.dp_steps.numpy())  # noqa: E731
+        at_boundary = lambda: True  # noqa: E731
+
+    ckpt_dir = _checkpoint_dir(args.output_dir)
+    budget = None
+    callbacks = []
+    if not args.no_dp:
         from ewtune_tf.training import PrivacyBudget
 
-        batches = poisson_lib.poisson_batches(
-            base_ds, sampling_probability=q, steps=steps_per_fit_epoch, epochs=fit_epochs,
-        )
-        sampling_report = batches.report()
-        train_ds = batches.dataset.map(_sort_by_length)
-        fit_steps = None  # The Poisson dataset has exactly steps_per_fit_epoch batches per pass.
-        # (No log_dir: PrivacyBudget's own TensorBoard writer needs the
-        # tensorboard package; _scalar_logger records its epsilon logs.)
-        callbacks.append(PrivacyBudget(args.epsilon, delta=args.delta, history_path=history_path))
-    callbacks.append(_scalar_logger(log_dir))  # After PrivacyBudget: sees its epsilon logs.
+        budget = PrivacyBudget(args.epsilon, delta=args.delta, history_path=history_path,
+                               log_dir=os.path.join(log_dir, "privacy"))
+        callbacks.append(budget)
+    checkpointer = _checkpointer(model, optimizer, ckpt_dir, args.checkpoint_every, logical_step, at_boundary,
+                                 budget, privacy_cfg, training_cfg)
+    callbacks.append(checkpointer)  # After PrivacyBudget: the epoch-end sidecar has that epoch's epsilon.
+    callbacks.append(_scalar_logger(log_dir, logical_step))  # Sees PrivacyBudget's epsilon logs.
 
+    if resume_state is None:
+        # A kill before the first sidecar can leave checkpoint files no state
+        # names; they hold unrecorded steps: remove them.
+        removed = _remove_checkpoints_after(ckpt_dir, -1)
+        if os.path.isfile(os.path.join(ckpt_dir, "checkpoint")):  # CheckpointManager's index of them.
+            os.unlink(os.path.join(ckpt_dir, "checkpoint"))
+        if os.path.isfile(history_path):  # A previous run's history is not this run's.
+            _atomic_write_json(history_path, {"history": []})
+        if removed:
+            _log(f"[checkpoint] removed {len(removed)} unrecorded checkpoint file(s) from {ckpt_dir}")
+    else:
+        removed = _remove_checkpoints_after(ckpt_dir, start_step)
+        if removed:
+            _log(f"[checkpoint] removed {len(removed)} checkpoint file(s) newer than the recorded step "
+                 f"{start_step} (written just before a kill; never released)")
+        optimizer.build(model.trainable_variables)
+        path = os.path.join(ckpt_dir, resume_state["checkpoint"])
+        checkpointer.checkpoint.restore(path).assert_existing_objects_matched()
+        restored = logical_step()
+        if restored != start_step or not at_boundary():
+            raise RuntimeError(f"checkpoint {path}: restored logical step {restored} != recorded {start_step}; "
+                               "refusing to resume with an inconsistent privacy state.")
+        if budget is not None:
+            optimizer.check_privacy_state()  # Restored sigma/q/delta/C equal this run's (exact).
+            history = [h for h in resume_state.get("epsilon_history", []) if int(h["steps"]) <= start_step]
+            budget.history = list(history)
+            _atomic_write_json(history_path, {"history": history})
+        checkpointer.last_saved = start_step
+        _log(f"[checkpoint] resumed from {path}: logical step {start_step} of {total_steps} "
+             f"({len(resume_state.get('epsilon_history', []))} epsilon history entries)")
+
+    start_epoch, done_in_epoch = divmod(start_step, steps_per_fit_epoch)
     _log(f"[train] {fit_epochs} epoch(s) x {steps_per_fit_epoch} logical steps, B={args.batch_size}, "
-         f"physical chunks of {args.physical_batch_size}, clipping={'none (--no_dp)' if args.no_dp else args.clipping}")
+         f"physical chunks of {args.physical_batch_size}, clipping={'none (--no_dp)' if args.no_dp else args.clipping}"
+         + (f"; resuming at epoch {start_epoch + 1}, step {done_in_epoch} of it" if start_step else ""))
     t_train = time.perf_counter()
-    history = model.fit(train_ds, epochs=fit_epochs, steps_per_epoch=fit_steps, callbacks=callbacks, verbose=1, shuffle=False)
+    fit_history: Dict[str, List[float]] = {}
+    # One fit() per epoch, each over a freshly sampled epoch: a resumed run
+    # starts its first epoch `done_in_epoch` batches in, and (with
+    # --sampling_seed) the batch of logical step t depends only on
+    # (sampling_seed, t), as in an uninterrupted run.
+    for epoch in range(start_epoch, fit_epochs):
+        skip = done_in_epoch if epoch == start_epoch else 0
+        if args.no_dp:
+            # Same examples per step on average, fixed-size shuffled batches.
+            train_ds = (base_ds.shuffle(n, seed=args.seed + epoch, reshuffle_each_iteration=False).repeat()
+                        .batch(args.physical_batch_size, drop_remainder=False)
+                        .map(lambda x, y: _sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
+                        .skip(skip * accumulate))
+            fit_steps = (steps_per_fit_epoch - skip) * accumulate
+        else:
+            seed = None if args.sampling_seed is None else _epoch_seed(args.sampling_seed, epoch)
+            batches = poisson_lib.poisson_batches(base_ds, sampling_probability=q, steps=steps_per_fit_epoch,
+                                                  epochs=1, seed=seed)
+            if sampling_report is None:
+                sampling_report = batches.report()
+            train_ds = batches.dataset.skip(skip).map(_sort_by_length)
+            fit_steps = None  # The Poisson dataset has exactly steps_per_fit_epoch - skip batches.
+        h = model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=fit_steps,
+                      callbacks=callbacks, verbose=1, shuffle=False)
+        for k, vals in h.history.items():
+            fit_history.setdefault(k, []).extend(float(v) for v in vals)
+        if logical_step() < (epoch + 1) * steps_per_fit_epoch:
+            # Stopped early: PrivacyBudget's cap (never when the plan is
+            # feasible, as calibrated). Report the steps actually taken.
+            _log(f"[train] stopped at logical step {logical_step()} (privacy budget cap)")
+            break
     train_seconds = time.perf_counter() - t_train
 
     # ---- accounting for the steps actually taken.
     if args.no_dp:
-        steps_taken = int(optimizer.iterations.numpy()) // max(1, int(math.ceil(args.batch_size / args.physical_batch_size)))
+        steps_taken = logical_step()
         eps_result = None
         epsilon = math.inf
     else:
@@ -533,7 +877,10 @@ def run(args: argparse.Namespace) -> Dict:
         "model": args.model,
         "adjacency": "add-or-remove one example",
         "sampling": "none (shuffled batches, not private)" if args.no_dp else "poisson",
-        "sampling_details": sampling_report,
+        "sampling_details": sampling_report if sampling_report is not None or args.no_dp else {
+            "sampling": "poisson", "num_examples": n, "sampling_probability": q,
+            "expected_batch_size": q * n, "steps_per_epoch": steps_per_fit_epoch,
+            "fixed_seed": args.sampling_seed is not None},
         "inputs": {
             "num_examples": n,
             "expected_batch_size": args.batch_size,
@@ -561,7 +908,15 @@ def run(args: argparse.Namespace) -> Dict:
         "epsilon_history": (
             json.load(open(history_path)).get("history") if os.path.isfile(history_path) else []
         ),
-        "seed_note": "initialisation/data-order seed is --seed; DP sampling and noise seeds are secret (OS entropy)",
+        "seed_note": (
+            "initialisation/data-order seed is --seed; noise seed is secret (OS entropy); DP sampling seed is "
+            + ("secret (OS entropy)" if args.sampling_seed is None else
+               f"FIXED (--sampling_seed {args.sampling_seed}, tests only: amplification assumes a secret seed)")),
+        "checkpointing": {
+            "directory": _checkpoint_dir(args.output_dir),
+            "every_logical_steps": args.checkpoint_every,
+            "resumed_from_step": start_step,
+        },
         "package_versions": _package_versions(),
     }
     plot_path = os.path.join(args.output_dir, "privacy.png")
@@ -584,7 +939,8 @@ def run(args: argparse.Namespace) -> Dict:
         "private": not args.no_dp,
         "dev_accuracy": dev_accuracy,
         "dev_accuracy_by_split": dev_acc,
-        "train_history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "train_history": fit_history,
+        "resumed_from_step": start_step,
         "steps": steps_taken,
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(1, steps_taken),

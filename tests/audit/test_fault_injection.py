@@ -8,7 +8,8 @@ of an uninterrupted run (ε never resets, never double counts), and every
 file it writes must parse (atomic writes).
 
 The trainer CLI (trainers/glue.py, `ewtune-train`) is tested the same way in
-``test_trainer_cli_kill_and_resume`` once it exists.
+``test_trainer_cli_kill_and_resume``: killed mid-epoch once a checkpoint
+exists, rerun with the same command, it resumes from its checkpoint.
 """
 
 import json
@@ -221,10 +222,91 @@ def test_atomic_writer_replaces_in_one_step(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["h.json"]  # no temp left
 
 
-@pytest.mark.skip(reason=(
-    "not written yet: trainers/glue.py (ewtune-train) landed after this suite; port "
-    "test_sigkill_mid_epoch_then_resume_matches_uninterrupted to it (kill mid-epoch, rerun "
-    "the same command with the same --output_dir, compare steps/epsilon in the final JSON "
-    "line and privacy_report.json) once the CLI documents how it resumes"))
-def test_trainer_cli_kill_and_resume():  # pragma: no cover
-    pass
+# ------------------------------------------------ ewtune-train (the CLI)
+
+GLUE_FIXTURES = ROOT / "tests" / "fixtures" / "glue"
+# 64 fixture rows, B=8: q=1/8, 8 logical steps per epoch, 3 epochs = 24 steps.
+CLI_STEPS_PER_EPOCH, CLI_EPOCHS = 8, 3
+
+
+def _cli_command(preset, output_dir):
+    return [sys.executable, "-m", "trainers.glue", "--model", str(preset), "--glue_dir", str(GLUE_FIXTURES),
+            "--task", "sst2", "--batch_size", "8", "--physical_batch_size", "8", "--epochs", str(CLI_EPOCHS),
+            "--sequence_length", "32", "--max_eval_examples", "8", "--checkpoint_every", "1", "--no_export",
+            "--output_dir", str(output_dir)]
+
+
+def _cli_state(output_dir):
+    try:
+        return json.loads((output_dir / "checkpoints" / "state.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _cli_finish(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
+
+
+@pytest.mark.slow
+def test_trainer_cli_kill_and_resume(tmp_path):
+    """SIGKILL `ewtune-train` mid-epoch (after a checkpoint), rerun the same
+    command: it resumes from the checkpointed logical step and ends with the
+    step count, epsilon and epsilon history of an uninterrupted run."""
+    from ewtune_tf.nlp.models import save_tiny_bert_preset
+
+    preset = save_tiny_bert_preset(str(tmp_path / "tiny_bert"))
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    total = CLI_STEPS_PER_EPOCH * CLI_EPOCHS
+
+    # The run to kill and the uninterrupted reference run side by side.
+    proc = subprocess.Popen(_cli_command(preset, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=str(ROOT))
+    ref = subprocess.Popen(_cli_command(preset, ref_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=_env(), cwd=str(ROOT))
+    killed_at = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            state = _cli_state(run_dir)  # Atomic: never half-written (a decode error fails the test).
+            if state is not None and CLI_STEPS_PER_EPOCH < state["step"] < 2 * CLI_STEPS_PER_EPOCH:
+                os.kill(proc.pid, signal.SIGKILL)  # In the middle of the second epoch.
+                killed_at = state["step"]
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        ref_out, ref_err = ref.communicate(timeout=300)
+    assert killed_at is not None, f"the run finished or stalled before it could be killed: {err[-3000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    assert ref.returncode == 0, ref_err[-3000:]
+    reference = json.loads(ref_out.strip().splitlines()[-1])
+    assert reference["steps"] == total
+
+    # What the kill left: a sidecar naming a complete checkpoint at or after
+    # the observed step, one epsilon entry (epoch 0), no report yet.
+    state = _cli_state(run_dir)
+    assert killed_at <= state["step"] < 2 * CLI_STEPS_PER_EPOCH
+    assert [h["epoch"] for h in state["epsilon_history"]] == [0]
+    assert (run_dir / "checkpoints" / (state["checkpoint"] + ".index")).is_file()
+    assert not (run_dir / "privacy_report.json").exists()
+
+    resumed, stdout = _cli_finish(_cli_command(preset, run_dir))
+    assert f"resumed from {run_dir / 'checkpoints' / state['checkpoint']}" in stdout
+    for key in ("steps", "epsilon", "noise_multiplier", "certified"):
+        assert resumed[key] == reference[key], key
+
+    report, ref_report = (json.loads((d / "privacy_report.json").read_text()) for d in (run_dir, ref_dir))
+    assert report["inputs"] == ref_report["inputs"]
+    assert report["outputs"]["epsilon"] == ref_report["outputs"]["epsilon"]
+    assert report["checkpointing"]["resumed_from_step"] == state["step"]
+    # epsilon history continues across the kill: no reset, no double count.
+    strip = lambda hist: [(h["epoch"], h["steps"], h["epsilon"]) for h in hist]  # noqa: E731
+    assert strip(report["epsilon_history"]) == strip(ref_report["epsilon_history"])
+    assert [h["steps"] for h in report["epsilon_history"]] == [8, 16, 24]
+    final = _cli_state(run_dir)
+    assert final["step"] == total and strip(final["epsilon_history"]) == strip(report["epsilon_history"])
+    assert not [p for p in run_dir.rglob(".tmp*")], "temp files must not survive"
