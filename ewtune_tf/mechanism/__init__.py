@@ -1,4 +1,15 @@
 """The DP mechanism: per-example clipping and Gaussian noise (TensorFlow).
 
-Layer 2 of the package: may import ``ewtune_tf.accounting``, nothing above it.
+Layer 1: may import ``ewtune_tf.accounting``, nothing above it.
+
+Modules (import them directly; this package imports nothing eagerly, so that
+``ewtune_tf.mechanism.ghost`` can register itself without import cycles):
+
+* ``per_example``: vectorized per-example / per-microbatch gradients.
+* ``clipping``: the clipping-implementation registry (``ClippedGradients``,
+  ``clipped_gradient_sum``, ``register_clipping_impl``) with "vectorized"
+  and "microbatch"; "ghost" lives in ``ghost``.
+* ``noise``: Gaussian noise on the clipped sum through TF Privacy's DPQuery
+  (fixed and adaptive clipping), secure per-replica random streams.
+* ``tf_privacy``: the one place that imports TensorFlow Privacy.
 """

@@ -9,13 +9,15 @@ of X that
   ``target_delta`` + ``num_examples`` + ``batch_size`` + ``epochs``;
   ``sampling_probability``; ``num_microbatches``; ``clipping``;
   ``accountant_method``/``accountant_order``/``certify``; ``sampling``;
-  ``noise_seed``);
+  ``noise_seed``; adaptive clipping with ``target_unclipped_quantile``,
+  ``clip_learning_rate``, ``clipped_count_stddev``);
 * keeps the privacy state as non-trainable optimizer variables, so that it is
   saved with the optimizer in ``.keras`` files and ``tf.train.Checkpoint``:
   ``dp_steps`` (private steps taken: noise releases), ``dp_noise_multiplier``,
   ``dp_sampling_probability``, ``dp_delta``, ``dp_l2_norm_clip`` (-1 = unknown),
-  ``dp_max_steps`` (budget cap set by PrivacyBudget; -1 = none), and
-  ``dp_epsilon`` / ``dp_epsilon_estimate`` (last values logged);
+  ``dp_max_steps`` (budget cap set by PrivacyBudget; -1 = none),
+  ``dp_epsilon`` / ``dp_epsilon_estimate`` (last values logged), and
+  ``dp_adaptive_clip`` (current clip under adaptive clipping);
 * refuses ``apply``/``apply_gradients`` outside a private training step
   (:class:`NonPrivateStepError`), so a model compiled with an EWTune optimizer
   but not made private fails at trace time of its first step, before any

@@ -206,6 +206,12 @@ def private_train_step(self, data):
     per_example_loss = make_per_example_loss(self)
     leaf = _first_leaf(x)
     static_b = leaf.shape[0]
+    if static_b is None and isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
+        raise ValueError(
+            "x: TPU training needs a static batch size; use "
+            "ewtune_tf.data.poisson_batches(..., max_batch_size='auto') (padded Poisson "
+            "batches) or drop_remainder=True batching."
+        )
     batch = tf.shape(leaf)[0]
     if sample_weight is None:
         sample_weight = tf.ones([batch], tf.float32)
