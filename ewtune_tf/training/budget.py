@@ -217,6 +217,10 @@ class PrivacyBudget(keras.callbacks.Callback):
             with open(self.history_path) as f:
                 self.history = json.load(f).get("history", [])
         steps = int(opt.dp_steps.numpy())
+        # After a crash the history file may be ahead of the restored
+        # checkpoint: entries for steps that the restored model does not
+        # contain are dropped (they are re-logged as training redoes them).
+        self.history = [h for h in self.history if h.get("steps", 0) <= steps]
         if p["target"] is not None:
             planned = None
             if self.params and self.params.get("steps") and self.params.get("epochs"):

@@ -115,3 +115,17 @@ def test_privacy_report(tmp_path):
     assert rep["sampling"]["mode"] == "poisson" and rep["sampling"]["data"]["max_batch_size"]
     assert any("add it to delta" in n for n in rep["notes"])
     _json.dumps(rep)
+
+
+def test_history_ahead_of_checkpoint_is_trimmed(tmp_path):
+    x, y = _data()
+    hist = os.path.join(tmp_path, "h.json")
+    with open(hist, "w") as f:  # written by a run killed after its last checkpoint
+        json.dump({"history": [{"epoch": 0, "steps": 4}, {"epoch": 1, "steps": 8}]}, f)
+    m = _model()
+    m.optimizer.dp_steps.assign(4)  # as restored from the epoch-0 checkpoint
+    cb = PrivacyBudget(history_path=hist)
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb])
+    with open(hist) as f:
+        steps = [h["steps"] for h in json.load(f)["history"]]
+    assert steps == [4, 8]
