@@ -17,6 +17,9 @@ example's loss, and examples with weight 0 (padding rows of Poisson batches)
 get a loss of exactly 0 -- written with ``tf.where``, so their gradient is
 exactly 0 even if the padding row's raw loss is not finite.
 
+A ``loss_weights`` given to ``compile`` for the single loss scales it.
+A custom ``Model.compute_loss`` override is not used (only ``model.loss``).
+
 Anything that does not yield a [batch] vector (a function that already
 reduces to a scalar, an unknown loss type) raises ValueError.
 """
@@ -87,6 +90,13 @@ def make_per_example_loss(model) -> Callable:
     if getattr(model, "_compile_loss", None) is None and getattr(model, "loss", None) is None:
         raise ValueError("loss: the model must be compiled with a loss before private training.")
     loss_obj = unreduced_loss(model.loss)
+    # compile(loss_weights=...) for the single loss: a constant factor.
+    weight = getattr(getattr(model, "_compile_loss", None), "_user_loss_weights", None)
+    if isinstance(weight, dict):
+        weight = list(weight.values())
+    if isinstance(weight, (list, tuple)):
+        weight = weight[0] if len(weight) == 1 else None
+    loss_weight = 1.0 if weight is None else float(weight)
 
     def per_example_loss(y, y_pred, sample_weight: Optional[tf.Tensor] = None) -> tf.Tensor:
         if isinstance(y_pred, (list, tuple)) and len(y_pred) == 1:
@@ -110,6 +120,8 @@ def make_per_example_loss(model) -> Callable:
                     tf.reduce_sum(m, axis=axes), 1.0)
             else:
                 values = tf.reduce_mean(values, axis=axes)
+        if loss_weight != 1.0:
+            values = values * loss_weight
         if sample_weight is not None:
             w = tf.cast(sample_weight, tf.float32)
             if w.shape.rank is not None and w.shape.rank > 1:

@@ -70,3 +70,11 @@ def test_missing_or_multi_loss_rejected():
         unreduced_loss(["mse", "mae"])
     with pytest.raises(ValueError, match="Cannot derive"):
         unreduced_loss(42)
+
+
+def test_compile_loss_weights_scale_the_loss():
+    m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), loss_weights=2.0)
+    out = make_per_example_loss(m)(Y, P)
+    ref = keras.losses.sparse_categorical_crossentropy(Y, P, from_logits=True)
+    np.testing.assert_allclose(out.numpy(), 2.0 * ref.numpy(), rtol=1e-5)
