@@ -798,7 +798,9 @@ def run(args: argparse.Namespace) -> Dict:
                  f"{start_step} (written just before a kill; never released)")
         optimizer.build(model.trainable_variables)
         path = os.path.join(ckpt_dir, resume_state["checkpoint"])
-        checkpointer.checkpoint.restore(path).assert_existing_objects_matched()
+        status = checkpointer.checkpoint.restore(path)
+        status.assert_existing_objects_matched()  # Every weight and optimizer slot restored.
+        status.expect_partial()  # Values for objects built later (none needed) stay unused, quietly.
         restored = logical_step()
         if restored != start_step or not at_boundary():
             raise RuntimeError(f"checkpoint {path}: restored logical step {restored} != recorded {start_step}; "

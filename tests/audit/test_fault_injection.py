@@ -245,7 +245,7 @@ def _cli_state(output_dir):
 
 def _cli_finish(cmd):
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-6000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
 
 

@@ -101,6 +101,26 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
 
+    # TensorBoard: epoch scalars at the logical step, and PrivacyBudget's
+    # epsilon (tf.summary.scalar now that tensorboard is installed).
+    import tensorflow as tf
+
+    tags = {}
+    for event_file in (run / "tensorboard").rglob("events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    assert tags["epoch/epsilon"] == [4, 8] and tags["epoch/loss"] == [4, 8]
+    assert tags["privacy/epsilon"] == [4, 8]
+
+    # Checkpoint: the sidecar names the final checkpoint and the privacy config.
+    state = trainer.read_checkpoint_state(str(run))
+    assert state["step"] == 8 and (run / "checkpoints" / (state["checkpoint"] + ".index")).is_file()
+    assert state["privacy_config"]["noise_multiplier"] == summary["noise_multiplier"]
+    assert state["privacy_config"]["l2_norm_clip"] == 1.0 and state["privacy_config"]["planned_steps"] == 8
+    assert [h["steps"] for h in state["epsilon_history"]] == [4, 8]
+    assert report["checkpointing"]["resumed_from_step"] == 0
+
     export_path = pathlib.Path(summary["export_path"])
     assert export_path == tmp_path / "saved_models" / "glue_sst2" / "1"
     assert json.loads((export_path / "assets" / "privacy_report.json").read_text())["outputs"]["epsilon"] == \
@@ -117,3 +137,50 @@ def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
     assert any("NON-PRIVATE" in line for line in out)
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
     assert report["private"] is False and "NON-PRIVATE" in report["label"]
+
+
+def _snapshot(directory):
+    return sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns) for p in directory.rglob("*"))
+
+
+def test_resume_refuses_other_privacy_config_and_no_resume(tmp_path, tiny_preset, capsys):
+    """A checkpoint from another privacy configuration, or --no_resume over a
+    checkpoint: exit 2 naming the parameter, nothing written. The same command
+    resumes (here: at the final step, so no step is taken and epsilon is that
+    of the recorded steps, not more)."""
+    args = _base_args(tmp_path, tiny_preset, "--max_steps", "3", "--epochs", "1", "--checkpoint_every", "2",
+                      "--no_export", "--max_eval_examples", "4")
+    assert trainer.main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = tmp_path / "run"
+    state = trainer.read_checkpoint_state(str(run))
+    assert first["steps"] == 3 and state["step"] == 3  # Saved at step 2 and at the epoch end (3).
+    before = _snapshot(run)
+
+    assert trainer.main(args + ["--l2_norm_clip", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "different privacy configuration" in err and "l2_norm_clip [--l2_norm_clip]: checkpoint 1.0, this run 0.5" in err
+    assert "noise_multiplier" not in err  # sigma does not depend on the clip norm: only the clip is named.
+    assert trainer.main(args + ["--epsilon", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "target_epsilon [--epsilon]: checkpoint 8.0, this run 4.0" in err and "noise_multiplier" in err
+    assert trainer.main(args + ["--no_resume"]) == 2
+    assert "--no_resume" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+    assert trainer.main(args) == 0  # Same command: resumes at step 3 of 3.
+    out = capsys.readouterr().out
+    again = json.loads(out.strip().splitlines()[-1])
+    assert "resumed from" in out
+    assert again["steps"] == 3 and again["epsilon"] == first["epsilon"]
+    report = json.loads((run / "privacy_report.json").read_text())
+    assert report["checkpointing"]["resumed_from_step"] == 3 and len(report["epsilon_history"]) == 1
+
+
+def test_checkpoint_flags_validated(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert trainer.main(["--output_dir", str(out), "--checkpoint_every", "-1"]) == 2
+    assert "--checkpoint_every must be an integer >= 0" in capsys.readouterr().err
+    assert trainer.main(["--output_dir", str(out), "--sampling_seed", "-3"]) == 2
+    assert "--sampling_seed must be" in capsys.readouterr().err
+    assert not out.exists()
