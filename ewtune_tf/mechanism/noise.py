@@ -6,16 +6,21 @@ The clipped per-record gradients are summed by a clipping implementation
 record and the query's ``get_noised_result`` adds the noise. Everything here
 is float32, whatever the model's compute dtype.
 
-Random streams. The noise must be unpredictable to an adversary, and replicas
-must draw independent noise. We therefore subclass GaussianSumQuery only to
-choose the random stream: ``tf.random.stateless_normal`` with a seed derived
-from (a) a 64-bit *process secret* drawn from the OS entropy pool
-(``secrets``) the first time it is needed, never stored in configs or
-checkpoints, (b) the private step count, (c) the global replica id and (d)
-the variable index. Distinct processes (multi-worker) differ in (a); replicas
-of one process differ in (c); steps in (b). A fixed ``noise_seed`` replaces
-(a) for reproducible tests only -- noise derived from a known seed offers no
-privacy, and the optimizer warns about it.
+Random streams. The noise must be unpredictable to an adversary, never
+repeat, and replicas must draw independent noise. We therefore subclass
+GaussianSumQuery only to choose the random stream:
+``tf.random.stateless_normal`` with a seed folded from (a) a 63-bit secret
+drawn from the OS entropy pool (``secrets``) each time a step is *traced*
+(so every model / optimizer / worker / replica function has its own; it
+lives only in that traced graph, never in configs or checkpoints), (b) the
+private step count, (c) the global replica id, (d) a nonce from a stateful
+random op, which advances on every execution and is not checkpointed -- so
+steps re-run after restoring a checkpoint in the same process get fresh
+noise -- and (e) the variable index. TensorFlow's global seed
+(``keras.utils.set_random_seed``) can make (d) reproducible, but never (a).
+A fixed ``noise_seed`` replaces (a) and drops (d), for reproducible tests
+only -- noise derived from a known seed offers no privacy, and the optimizer
+warns about it.
 
 Distributed rule (``num_replicas = R``): each replica adds noise of std
 ``sigma * C / sqrt(R)`` to its *local* clipped sum; the all-reduce SUM that
@@ -31,24 +36,15 @@ data-independent constant, never by the realised batch size.
 
 import math
 import secrets
-import threading
 from typing import Optional, Sequence
 
 import tensorflow as tf
 
 from ewtune_tf.mechanism import tf_privacy
 
-_SECRET_LOCK = threading.Lock()
-_PROCESS_SECRET: Optional[int] = None
-
-
-def process_secret() -> int:
-    """A 63-bit secret from the OS entropy pool, fixed for this process."""
-    global _PROCESS_SECRET
-    with _SECRET_LOCK:
-        if _PROCESS_SECRET is None:
-            _PROCESS_SECRET = secrets.randbits(63)
-        return _PROCESS_SECRET
+def draw_secret() -> int:
+    """A fresh 63-bit secret from the OS entropy pool."""
+    return secrets.randbits(63)
 
 
 def check_noise_multiplier(noise_multiplier) -> float:
@@ -106,11 +102,18 @@ class SeededGaussianSumQuery(tf_privacy.GaussianSumQuery):
 
 
 def make_seed(step, replica_id, noise_seed: Optional[int] = None) -> tf.Tensor:
-    """int64[2] stateless seed from the secret (or noise_seed), step, replica."""
-    base = process_secret() if noise_seed is None else int(noise_seed)
+    """int64[2] stateless seed for one step's noise (see module docstring).
+
+    Call it while tracing the step: with ``noise_seed=None`` every call draws
+    a new secret and adds a stateful nonce op to the graph.
+    """
+    base = draw_secret() if noise_seed is None else int(noise_seed)
     seed = tf.constant([base & 0x7FFFFFFFFFFFFFFF, 0x5EED], dtype=tf.int64)
     seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(step, tf.int64))
     seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
+    if noise_seed is None:
+        nonce = tf.random.uniform([], maxval=2**62, dtype=tf.int64)
+        seed = tf.random.experimental.stateless_fold_in(seed, nonce)
     return seed
 
 

@@ -158,3 +158,17 @@ def test_adaptive_clipping_config_round_trip():
     again = EWTuneSGD.from_config(opt.get_config())
     assert again.privacy_config == opt.privacy_config
     assert again.privacy_state()["current_l2_norm_clip"] == 1.0
+
+
+def test_two_models_with_same_tf_seed_get_independent_noise():
+    # E.g. an audit training many models in one process, each after
+    # keras.utils.set_random_seed(0): their noise must not coincide.
+    deltas = []
+    for _ in range(2):
+        keras.utils.set_random_seed(0)
+        opt = EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=1)
+        v = keras.Variable(np.zeros(20000, np.float32))
+        opt.build([v])
+        tf.function(lambda: opt.apply_private_gradients([tf.zeros([20000])], [v], physical_batch_size=None))()
+        deltas.append(v.numpy())
+    assert abs(np.corrcoef(deltas[0], deltas[1])[0, 1]) < 0.05
