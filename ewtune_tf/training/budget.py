@@ -54,6 +54,20 @@ def _atomic_write_json(path: str, obj) -> None:
         raise
 
 
+def check_data_matches(optimizer, data) -> None:
+    """ValueError unless a PoissonBatches' q equals the optimizer's q."""
+    q_opt = optimizer.privacy_config.sampling_probability
+    q_data = getattr(data, "sampling_probability", None)
+    if q_data is None:
+        return
+    if q_opt is None or abs(q_opt - q_data) > 1e-12 * max(1.0, q_data):
+        raise ValueError(
+            f"sampling_probability: the data are Poisson-sampled with q={q_data} but the "
+            f"optimizer accounts for q={q_opt}; give the optimizer sampling_probability={q_data} "
+            "(or num_examples and batch_size matching the sampler)."
+        )
+
+
 def _write_scalar(tag: str, value: float, step: int) -> None:
     """A TensorBoard scalar; works without the tensorboard package installed."""
     import tensorflow as tf  # noqa: PLC0415
@@ -79,6 +93,8 @@ class PrivacyBudget(keras.callbacks.Callback):
       method, order, certify: accountant options; default to the optimizer's.
       log_dir: TensorBoard directory for the epsilon scalars (optional).
       history_path: JSON file for the epsilon history (optional).
+      data: the ``ewtune_tf.data.PoissonBatches`` being trained on (optional);
+        its sampling probability must equal the optimizer's (ValueError).
     """
 
     def __init__(
@@ -91,8 +107,10 @@ class PrivacyBudget(keras.callbacks.Callback):
         certify: Optional[bool] = None,
         log_dir: Optional[str] = None,
         history_path: Optional[str] = None,
+        data=None,
     ):
         super().__init__()
+        self.data = data
         if target_epsilon is not None and not (
             isinstance(target_epsilon, (int, float)) and not isinstance(target_epsilon, bool)
             and target_epsilon > 0 and math.isfinite(target_epsilon)
@@ -206,6 +224,8 @@ class PrivacyBudget(keras.callbacks.Callback):
         opt = self._optimizer()
         opt.check_privacy_state()
         p = self._params()
+        if self.data is not None:
+            check_data_matches(opt, self.data)
         if opt.privacy_config.sampling != "poisson":
             warnings.warn(
                 "PrivacyBudget: the optimizer records sampling='shuffle'; the accountant "

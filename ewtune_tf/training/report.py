@@ -50,6 +50,9 @@ def privacy_report(optimizer_or_model, data=None, *, delta: Optional[float] = No
         "target_epsilon": cfg.target_epsilon,
     }
     if data is not None and hasattr(data, "report"):
+        from ewtune_tf.training.budget import check_data_matches  # noqa: PLC0415
+
+        check_data_matches(opt, data)
         report["sampling"]["data"] = data.report()
         if data.overflow == "truncate" and (report["sampling"]["data"]["overflow_count"] or 0) > 0:
             notes.append("Some Poisson batches were truncated to max_batch_size: the mechanism "

@@ -129,3 +129,17 @@ def test_history_ahead_of_checkpoint_is_trimmed(tmp_path):
     with open(hist) as f:
         steps = [h["steps"] for h in json.load(f)["history"]]
     assert steps == [4, 8]
+
+
+def test_data_sampling_probability_must_match_optimizer():
+    from ewtune_tf.data import poisson_batches
+    from ewtune_tf.training import privacy_report
+
+    x, y = _data()
+    m = _model()  # q = 8 / 32
+    pb = poisson_batches(tf.data.Dataset.from_tensor_slices((x, y)), expected_batch_size=4)
+    with pytest.raises(ValueError, match="sampling_probability"):
+        privacy_report(m, pb)
+    with pytest.raises(ValueError, match="sampling_probability"):
+        m.fit(pb.dataset, epochs=1, verbose=0, callbacks=[PrivacyBudget(data=pb)])
+    assert int(m.optimizer.dp_steps.numpy()) == 0
