@@ -105,3 +105,16 @@ def test_shuffled_batches_warn_and_keep_fixed_size():
         ds = shuffled_batches(_ds(), 8)
     sizes = [int(x.shape[0]) for x, _, _ in ds]
     assert sizes == [8] * 6
+
+
+def test_steps_per_epoch_never_exceed_calibrated_steps():
+    import math
+
+    from ewtune_tf.accounting import steps_and_sampling_probability
+    from ewtune_tf.data import steps_per_epoch
+
+    for n, b in [(67349, 256), (100, 30), (50, 50), (1000, 7)]:
+        for epochs in (1, 2, 3):
+            q, steps = steps_and_sampling_probability(n, b, epochs)
+            assert epochs * steps_per_epoch(q) <= steps
+            assert epochs * steps_per_epoch(q) >= epochs * math.floor(n / b)
