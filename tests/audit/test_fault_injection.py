@@ -129,8 +129,8 @@ def _read_progress(workdir):
         "keras.callbacks.BackupAndRestore restores dp_steps mid-epoch but restarts the "
         "epoch at batch 0, so a resumed run takes extra private steps (14 instead of 12 "
         "here; epsilon is honestly counted for 14, but the run differs from an "
-        "uninterrupted one). The trainer/DP core needs a step-aware resume "
-        "(skip dp_steps % steps_per_epoch batches), as in mode 'step_aware'."))),
+        "uninterrupted one). Use a step-aware resume (skip dp_steps % steps_per_epoch "
+        "batches), as mode 'step_aware' and ewtune-train do."))),
 ])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mode):
     script = tmp_path / "train.py"
