@@ -53,13 +53,14 @@ DP-SGD and every implementation here is wrong.
 
 from __future__ import annotations
 
-import string
+import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
 from ewtune_tf.mechanism import clipping
 from ewtune_tf.mechanism import ghost_layers
+from ewtune_tf.mechanism import per_example
 from ewtune_tf.mechanism.ghost_layers import (
     SUPPORTED_LAYERS,
     EinsumTap,
@@ -74,6 +75,8 @@ __all__ = [
     "bookkeeping_clipped_gradients",
     "two_pass_clipped_gradients",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 # When the sequence length is unknown at trace time, cost estimates assume it.
 _ASSUMED_SEQ_LEN = 512
@@ -228,6 +231,7 @@ def _sq(x: tf.Tensor) -> tf.Tensor:
 
 def _records_per_group(batch_size, num_microbatches: Optional[int]) -> tuple:
     """(k, k as float tensor): examples per record."""
+    per_example.check_num_microbatches(num_microbatches, batch_size)
     if num_microbatches is None:
         return 1, tf.constant(1.0)
     if batch_size is None:
@@ -303,6 +307,15 @@ def ghost_clipped_gradients(
     ]
     fallback_set = set(fallback)
     taps = [t for t in rec.taps if t.var_index not in fallback_set]
+    if fallback:
+        # Logged at trace time: correct, but as slow as the vectorized path.
+        _LOG.warning(
+            "ghost clipping: %d variable(s) are not covered by a supported layer "
+            "(%s) and use the per-example jacobian fallback: %s",
+            len(fallback),
+            ", ".join(SUPPORTED_LAYERS),
+            [getattr(variables[i], "path", getattr(variables[i], "name", str(i))) for i in fallback],
+        )
 
     out_grads = (
         tape.gradient(
