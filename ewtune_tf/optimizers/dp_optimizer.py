@@ -92,7 +92,7 @@ class EWTuneOptimizerMixin:
         epochs=None,
         sampling_probability=None,
         num_microbatches=None,
-        clipping="vectorized",
+        clipping="ghost",
         accountant_method="tilted",
         accountant_order=2,
         certify=True,

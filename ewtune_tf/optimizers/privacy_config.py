@@ -82,7 +82,7 @@ class PrivacyConfig:
     epochs: Optional[float] = None
     target_epsilon: Optional[float] = None
     num_microbatches: Optional[int] = None
-    clipping: str = "vectorized"
+    clipping: str = "ghost"
     accountant_method: str = "tilted"
     accountant_order: int = 2
     certify: bool = True
@@ -112,7 +112,7 @@ def resolve_privacy_config(
     epochs=None,
     sampling_probability=None,
     num_microbatches=None,
-    clipping="vectorized",
+    clipping="ghost",
     accountant_method="tilted",
     accountant_order=2,
     certify=True,
