@@ -1,4 +1,4 @@
-"""`import ewtune_tf` must stay cheap: no TensorFlow, no warnings, quick."""
+"""ewtune_tf/__init__.py: `import ewtune_tf` stays cheap (no TensorFlow, no warnings, quick)."""
 
 import subprocess
 import sys
