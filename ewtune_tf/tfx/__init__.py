@@ -4,7 +4,6 @@ Modules (import them directly; this package imports nothing heavy itself):
   config          Trainer ``custom_config`` parsing and validation (no TF).
   accounting      noise calibration and the certified privacy report (no TF).
   training        DP-SGD fine-tuning of a KerasHub BERT classifier.
-  hf_compat       loads sentence-transformers BERT weights on KerasHub 0.25.
   trainer_module  ``run_fn(fn_args)`` for ``tfx.components.Trainer``.
   artifacts       the ``PrivacyReport`` artifact type (needs tfx).
   gate            the budget decision behind PrivacyGate (no TF).

@@ -8,41 +8,19 @@ clipping to C, Gaussian noise N(0, (sigma*C)^2) once per logical batch,
 division by the expected batch size.
 """
 
-import os
-import tempfile
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from ewtune_tf.nlp import models
-from ewtune_tf.tfx import hf_compat
 from ewtune_tf.tfx.config import PrivateTrainerConfig
 
 
 def build_classifier(config: PrivateTrainerConfig):
-    """KerasHub BERT classifier (logits) with its preprocessor attached.
-
-    On KerasHub versions whose Hugging Face converter cannot read
-    sentence-transformers weight names (0.25, the TFX environment's), a
-    renamed copy of the checkpoint is loaded from a temporary directory
-    instead (see ``ewtune_tf.tfx.hf_compat``); weights and vocabulary are in
-    memory once built, so the copy is deleted right after.
-    """
-    def build(model: str):
-        return models.build_classifier(
-            model, num_classes=config.num_classes, sequence_length=config.sequence_length,
-            lora_rank=config.lora_rank, dropout=config.dropout)
-
-    try:
-        return build(config.model)
-    except Exception as err:  # noqa: BLE001 -- re-raised unless it is the naming issue.
-        path = models.resolve_model(config.model)
-        if "does not contain tensor bert." not in str(err) or not hf_compat.is_hf_checkpoint(path):
-            raise
-        print(f"[ewtune_tf.tfx] this KerasHub reads only legacy BERT weight names; "
-              f"loading a renamed copy of {path}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="ewtune_hf_") as tmp:
-            return build(hf_compat.legacy_bert_checkpoint(path, os.path.join(tmp, "bert")))
+    """KerasHub BERT classifier (logits) with its preprocessor attached."""
+    return models.build_classifier(
+        config.model, num_classes=config.num_classes, sequence_length=config.sequence_length,
+        lora_rank=config.lora_rank, dropout=config.dropout)
 
 
 def tokenize(classifier, texts: Sequence[str]) -> Dict[str, np.ndarray]:
