@@ -99,9 +99,9 @@ DEFAULTS = dict(
     epsilon=8.0,
     delta=1e-5,
     epochs=3.0,
-    batch_size=1024,
+    batch_size=2048,
     physical_batch_size=64,
-    learning_rate=3e-3,
+    learning_rate=5e-3,
     l2_norm_clip=1.0,
     lora_rank=8,
     sequence_length=64,
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=d["delta"], help="Target delta in (0, 1) (default 1e-5).")
     p.add_argument("--epochs", type=float, default=d["epochs"], help="Expected passes over the data, > 0 (default 3).")
     p.add_argument("--batch_size", type=int, default=d["batch_size"],
-                   help="Expected logical batch size B (Poisson rate q = B/N), in [1, N] (default 1024).")
+                   help="Expected logical batch size B (Poisson rate q = B/N), in [1, N] (default 2048).")
     p.add_argument("--physical_batch_size", type=int, default=d["physical_batch_size"],
                    help="Rows per physical chunk (memory), >= 1 (default 64).")
     p.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Adam learning rate, > 0.")
