@@ -827,10 +827,16 @@ def run(args: argparse.Namespace) -> Dict:
     for epoch in range(start_epoch, fit_epochs):
         skip = done_in_epoch if epoch == start_epoch else 0
         if args.no_dp:
-            # Same examples per step on average, fixed-size shuffled batches.
+            # Fixed-size shuffled logical batches of --batch_size, sorted by
+            # length and cut into the same physical chunks as the private
+            # path (Keras accumulates them), so padding costs the same. Each
+            # logical batch is exactly `accumulate` chunks of `chunk` rows.
+            chunk = args.batch_size // accumulate
             train_ds = (base_ds.shuffle(n, seed=args.seed + epoch, reshuffle_each_iteration=False).repeat()
-                        .batch(args.physical_batch_size, drop_remainder=False)
+                        .batch(chunk * accumulate, drop_remainder=True)
                         .map(lambda x, y: _sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
+                        .unbatch()
+                        .batch(chunk, drop_remainder=True)
                         .skip(skip * accumulate))
             fit_steps = (steps_per_fit_epoch - skip) * accumulate
         else:
