@@ -758,11 +758,13 @@ def run(args: argparse.Namespace) -> Dict:
             make_private(model, physical_batch_size=args.physical_batch_size)
 
     # Logical step counter: dp_steps (noise releases) for private runs; for
-    # --no_dp, optimizer iterations (physical batches) // accumulation.
+    # --no_dp, optimizer updates. Keras's `iterations` already counts updates
+    # (it divides the physical-batch counter `_iterations` by the
+    # accumulation steps), so only the boundary test reads `_iterations`.
     accumulate = max(1, int(math.ceil(args.batch_size / args.physical_batch_size))) if args.no_dp else 1
     if args.no_dp:
-        logical_step = lambda: int(optimizer.iterations.numpy()) // accumulate  # noqa: E731
-        at_boundary = lambda: int(optimizer.iterations.numpy()) % accumulate == 0  # noqa: E731
+        logical_step = lambda: int(optimizer.iterations.numpy())  # noqa: E731
+        at_boundary = lambda: int(optimizer._iterations.numpy()) % accumulate == 0  # noqa: E731
     else:
         logical_step = lambda: int(optimizer.dp_steps.numpy())  # noqa: E731
         at_boundary = lambda: True  # noqa: E731

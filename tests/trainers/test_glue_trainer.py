@@ -134,6 +134,7 @@ def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
     assert summary["private"] is False and summary["epsilon"] == float("inf") and summary["export_path"] is None
+    assert summary["steps"] == 2  # logical steps (accumulated updates), not physical batches
     assert any("NON-PRIVATE" in line for line in out)
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
     assert report["private"] is False and "NON-PRIVATE" in report["label"]
