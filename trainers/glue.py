@@ -85,7 +85,8 @@ TASK_CHOICES = ("sst2", "qnli", "mnli", "qqp")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ACCOUNTANTS = ("tilted", "edgeworth")
 CLIPPING_CHOICES = ("ghost", "ghost_two_pass", "vectorized", "microbatch")
-POOLING_CHOICES = ("auto", "mean", "cls")  # = ewtune_tf.nlp.models.POOLING_CHOICES
+POOLING_CHOICES = ("auto", "mean", "cls")
+LR_SCHEDULES = ("linear", "constant")  # = ewtune_tf.nlp.models.POOLING_CHOICES
 
 # Main-job defaults (SST-2, 2-core CPU, ~30 min): LoRA rank 8 on MiniLM-L6's
 # attention query/value plus the pooler and logits head (~0.3M trainable
@@ -103,6 +104,7 @@ DEFAULTS = dict(
     batch_size=2048,
     physical_batch_size=64,
     learning_rate=5e-3,
+    lr_schedule="linear",
     l2_norm_clip=1.0,
     lora_rank=8,
     sequence_length=64,
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--physical_batch_size", type=int, default=d["physical_batch_size"],
                    help="Rows per physical chunk (memory), >= 1 (default 64).")
     p.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Adam learning rate, > 0.")
+    p.add_argument("--lr_schedule", default=d["lr_schedule"],
+                   help="linear (default: decays to 0 over the planned logical steps) or constant.")
     p.add_argument("--l2_norm_clip", type=float, default=d["l2_norm_clip"], help="Per-example clip norm C, > 0.")
     p.add_argument("--lora_rank", type=int, default=d["lora_rank"],
                    help="LoRA rank, >= 0; 0 = no LoRA (default 8).")
@@ -216,6 +220,7 @@ def validate_args(args: argparse.Namespace) -> None:
            "used only with --lora_rank 0", args.trainable_layers)
     _check(args.dropout is None or (fin(args.dropout) and 0 <= args.dropout < 1), "--dropout", "in [0, 1)",
            args.dropout)
+    _check(args.lr_schedule in LR_SCHEDULES, "--lr_schedule", f"one of {LR_SCHEDULES}", args.lr_schedule)
     _check(args.pooling in POOLING_CHOICES, "--pooling", f"one of {POOLING_CHOICES}", args.pooling)
     _check(8 <= args.sequence_length <= 512, "--sequence_length", "an integer in [8, 512]", args.sequence_length)
     _check(args.accountant in ACCOUNTANTS, "--accountant", f"one of {ACCOUNTANTS}", args.accountant)
@@ -476,6 +481,7 @@ _TRAINING_KEYS = {
     "sequence_length": "--sequence_length",
     "clipping": "--clipping",
     "learning_rate": "--learning_rate",
+    "lr_schedule": "--lr_schedule",
     "physical_batch_size": "--physical_batch_size (logical step = physical batches // accumulation, --no_dp)",
 }
 
@@ -592,6 +598,31 @@ def _remove_checkpoints_after(ckpt_dir: str, step: int) -> List[str]:
             os.unlink(os.path.join(ckpt_dir, name))
             removed.append(name)
     return removed
+
+
+def _learning_rate(args: argparse.Namespace, total_steps: int):
+    """The optimizer's learning rate: a float, or a schedule over logical steps.
+
+    ``linear`` decays from ``--learning_rate`` to 0 at the last planned step.
+    Under DP the decay also averages the injected noise over the last steps
+    (each late update moves the weights less), which matters more than in
+    non-private fine-tuning. Keras evaluates the schedule at
+    ``optimizer.iterations``, which counts applied updates: one per logical
+    step for a private step (noise once, after all physical chunks) and, for
+    --no_dp, one per accumulated batch.
+    """
+    if args.lr_schedule == "constant":
+        return float(args.learning_rate)
+    import keras
+
+    return keras.optimizers.schedules.PolynomialDecay(
+        initial_learning_rate=float(args.learning_rate), decay_steps=max(1, int(total_steps)),
+        end_learning_rate=0.0, power=1.0)
+
+
+def _current_learning_rate(optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
 def _checkpointer(model, optimizer, ckpt_dir: str, every: int, logical_step, at_boundary, budget,
@@ -733,13 +764,14 @@ def run(args: argparse.Namespace) -> Dict:
     features = {k: tf.constant(v) for k, v in train_tokens.items()}
     base_ds = tf.data.Dataset.from_tensor_slices((features, tf.constant(train.labels)))
     sampling_report = None
+    learning_rate = _learning_rate(args, total_steps)
     with strategy.scope():
         model = _trimming_model(classifier)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         if args.no_dp:
             accumulate = max(1, int(math.ceil(args.batch_size / args.physical_batch_size)))
-            optimizer = keras.optimizers.Adam(learning_rate=args.learning_rate,
+            optimizer = keras.optimizers.Adam(learning_rate=learning_rate,
                                               gradient_accumulation_steps=accumulate if accumulate > 1 else None)
             model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         else:
@@ -747,7 +779,7 @@ def run(args: argparse.Namespace) -> Dict:
             from ewtune_tf.training import make_private
 
             optimizer = EWTuneAdam(
-                learning_rate=args.learning_rate,
+                learning_rate=learning_rate,
                 l2_norm_clip=args.l2_norm_clip,
                 noise_multiplier=sigma,
                 noise_multiplier_source="calibrated",
@@ -961,6 +993,10 @@ def run(args: argparse.Namespace) -> Dict:
         "steps": steps_taken,
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(1, steps_taken),
+        # Updates the optimizer applied (what the learning-rate schedule
+        # counts); equals "steps" on a fresh run.
+        "optimizer_updates": int(optimizer.iterations.numpy()),
+        "final_learning_rate": _current_learning_rate(optimizer),
         "total_seconds": time.perf_counter() - t_start,
         "trainable_parameters": params["trainable"],
         "total_parameters": params["total"],

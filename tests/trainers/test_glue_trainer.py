@@ -47,6 +47,8 @@ def _base_args(tmp_path, tiny_preset, *extra):
         (["--strategy", "gpu"], "--strategy must be one of"),
         (["--task", "cola"], "--task must be one of"),
         (["--max_steps", "0"], "--max_steps must be"),
+        (["--lr_schedule", "cosine"], "--lr_schedule must be one of"),
+        (["--pooling", "max"], "--pooling must be one of"),
         (["--model", "no_such_model"], "--model 'no_such_model' is not a known model"),
     ],
 )
@@ -97,6 +99,10 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
     assert len(report["epsilon_history"]) == 2
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["dev_accuracy"] == summary["dev_accuracy"] and metrics["steps"] == 8
+    # The linear schedule counts logical steps (one update per noise release,
+    # not per physical chunk) and ends at 0.
+    assert metrics["optimizer_updates"] == 8 and metrics["final_learning_rate"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["config"]["lr_schedule"] == "linear" and metrics["config"]["pooling"] == "auto"
     assert (run / "privacy.png").stat().st_size > 1000
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
@@ -135,6 +141,8 @@ def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
     summary = json.loads(out[-1])
     assert summary["private"] is False and summary["epsilon"] == float("inf") and summary["export_path"] is None
     assert summary["steps"] == 2  # logical steps (accumulated updates), not physical batches
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["optimizer_updates"] == 2
     assert any("NON-PRIVATE" in line for line in out)
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
     assert report["private"] is False and "NON-PRIVATE" in report["label"]
