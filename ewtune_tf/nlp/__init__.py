@@ -3,6 +3,8 @@
 * ``ewtune_tf.nlp.models``: ``build_classifier`` (MiniLM default, local
   HF/Keras preset dirs, KerasHub presets; LoRA or top-k trainable layers),
   ``tokenize`` / ``encode_text`` and dynamic padding (``trim_padding``).
+* ``ewtune_tf.nlp.classifier``: ``BertMeanPoolingClassifier``, the head for
+  sentence-embedding checkpoints (logits on the masked mean of the tokens).
 * ``ewtune_tf.nlp.glue``: ``load_glue`` for SST-2, QNLI, MNLI and QQP from a
   GLUE-layout directory or TFDS.
 
@@ -14,6 +16,9 @@ from typing import Any
 
 _LAZY = {
     "build_classifier": "ewtune_tf.nlp.models",
+    "checkpoint_pooling": "ewtune_tf.nlp.models",
+    "BertMeanPoolingClassifier": "ewtune_tf.nlp.classifier",
+    "MaskedMeanPooling": "ewtune_tf.nlp.classifier",
     "resolve_model": "ewtune_tf.nlp.models",
     "tokenize": "ewtune_tf.nlp.models",
     "encode_text": "ewtune_tf.nlp.models",
