@@ -86,7 +86,7 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ACCOUNTANTS = ("tilted", "edgeworth")
 CLIPPING_CHOICES = ("ghost", "ghost_two_pass", "vectorized", "microbatch")
 POOLING_CHOICES = ("auto", "mean", "cls")
-LR_SCHEDULES = ("linear", "constant")  # = ewtune_tf.nlp.models.POOLING_CHOICES
+LR_SCHEDULES = ("constant", "linear")  # = ewtune_tf.nlp.models.POOLING_CHOICES
 
 # Main-job defaults (SST-2, 2-core CPU, ~30 min): LoRA rank 8 on MiniLM-L6's
 # attention query/value plus the pooler and logits head (~0.3M trainable
@@ -104,7 +104,7 @@ DEFAULTS = dict(
     batch_size=2048,
     physical_batch_size=64,
     learning_rate=5e-3,
-    lr_schedule="linear",
+    lr_schedule="constant",
     l2_norm_clip=1.0,
     lora_rank=8,
     sequence_length=64,
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Rows per physical chunk (memory), >= 1 (default 64).")
     p.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Adam learning rate, > 0.")
     p.add_argument("--lr_schedule", default=d["lr_schedule"],
-                   help="linear (default: decays to 0 over the planned logical steps) or constant.")
+                   help="constant (default) or linear (decays to 0 over the planned logical steps).")
     p.add_argument("--l2_norm_clip", type=float, default=d["l2_norm_clip"], help="Per-example clip norm C, > 0.")
     p.add_argument("--lora_rank", type=int, default=d["lora_rank"],
                    help="LoRA rank, >= 0; 0 = no LoRA (default 8).")
@@ -603,10 +603,12 @@ def _remove_checkpoints_after(ckpt_dir: str, step: int) -> List[str]:
 def _learning_rate(args: argparse.Namespace, total_steps: int):
     """The optimizer's learning rate: a float, or a schedule over logical steps.
 
-    ``linear`` decays from ``--learning_rate`` to 0 at the last planned step.
-    Under DP the decay also averages the injected noise over the last steps
-    (each late update moves the weights less), which matters more than in
-    non-private fine-tuning. Keras evaluates the schedule at
+    ``linear`` decays from ``--learning_rate`` to 0 at the last planned step,
+    which damps the injected noise in the last updates. It is not the default:
+    on the main job (96 steps) it scored 81.7 % SST-2 dev against 83.5 % for
+    a constant rate, because short private runs are limited by progress (the
+    noise inflates Adam's second moment, shrinking every step), not by the
+    noise in the final iterate. Keras evaluates the schedule at
     ``optimizer.iterations``, which counts applied updates: one per logical
     step for a private step (noise once, after all physical chunks) and, for
     --no_dp, one per accumulated batch.

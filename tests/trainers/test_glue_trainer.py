@@ -99,10 +99,8 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
     assert len(report["epsilon_history"]) == 2
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["dev_accuracy"] == summary["dev_accuracy"] and metrics["steps"] == 8
-    # The linear schedule counts logical steps (one update per noise release,
-    # not per physical chunk) and ends at 0.
-    assert metrics["optimizer_updates"] == 8 and metrics["final_learning_rate"] == pytest.approx(0.0, abs=1e-9)
-    assert metrics["config"]["lr_schedule"] == "linear" and metrics["config"]["pooling"] == "auto"
+    assert metrics["optimizer_updates"] == 8 and metrics["final_learning_rate"] == pytest.approx(0.01)
+    assert metrics["config"]["lr_schedule"] == "constant" and metrics["config"]["pooling"] == "auto"
     assert (run / "privacy.png").stat().st_size > 1000
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
@@ -132,6 +130,17 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
     assert json.loads((export_path / "assets" / "privacy_report.json").read_text())["outputs"]["epsilon"] == \
         pytest.approx(summary["epsilon"])
     assert (export_path / "saved_model.pb").is_file()
+
+
+def test_linear_schedule_counts_logical_steps(tmp_path, tiny_preset, capsys):
+    """One optimizer update per noise release (not per physical chunk), so a
+    linear schedule ends at 0 on the last planned step."""
+    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--lr_schedule", "linear", "--no_export",
+                                 "--max_eval_examples", "4"))
+    assert rc == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and metrics["optimizer_updates"] == 8
+    assert metrics["final_learning_rate"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
