@@ -29,7 +29,7 @@ def test_readme_example_trains_privately(tmp_path):
         '"../shared/data/glue"': repr(str(ROOT / "tests" / "fixtures" / "glue")),
         'build_classifier("minilm"': f"build_classifier({str(preset)!r}",
         "sequence_length=64": "sequence_length=32",
-        "batch, epochs = len(train), 1024, 2": "batch, epochs = len(train), 8, 1",
+        "batch, epochs = len(train), 2048, 3": "batch, epochs = len(train), 8, 1",
         "physical_batch_size=64": "physical_batch_size=4",
     }
     for old, new in substitutions.items():

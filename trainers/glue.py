@@ -85,16 +85,21 @@ TASK_CHOICES = ("sst2", "qnli", "mnli", "qqp")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ACCOUNTANTS = ("tilted", "edgeworth")
 CLIPPING_CHOICES = ("ghost", "ghost_two_pass", "vectorized", "microbatch")
-POOLING_CHOICES = ("auto", "mean", "cls")
-LR_SCHEDULES = ("constant", "linear")  # = ewtune_tf.nlp.models.POOLING_CHOICES
+POOLING_CHOICES = ("auto", "mean", "cls")  # = ewtune_tf.nlp.models.POOLING_CHOICES
+LR_SCHEDULES = ("constant", "linear")
 
-# Main-job defaults (SST-2, 2-core CPU, ~30 min): LoRA rank 8 on MiniLM-L6's
-# attention query/value plus the pooler and logits head (~0.3M trainable
-# parameters: low noise dimension), large Poisson batches (q ~ 1.5%), three
-# epochs (~200 noise releases; sigma ~ 0.54 at certified eps 8, barely more
-# than the 0.52 of two epochs, so the third epoch is nearly free), sequences cut
-# at 64 tokens (SST-2's longest is ~66) and dynamic padding per chunk, ghost
-# clipping (per-example norms from the ordinary backward pass).
+# Main-job defaults (SST-2, 2-core CPU, ~20 min): LoRA rank 8 on MiniLM-L6's
+# attention query/value plus the logits head on the masked mean of the token
+# outputs (--pooling auto: the checkpoint's own sentence-transformers pooling;
+# ~0.45M trainable parameters), large Poisson batches (q ~ 3%: noise std per
+# coordinate of the mean gradient sigma*C/B ~ 2.9e-4), three epochs (96 noise
+# releases, sigma ~ 0.593 at certified eps 8), a constant Adam learning rate
+# of 1e-2, sequences cut at 64 tokens (SST-2's longest is ~66) with dynamic
+# padding per chunk, and ghost clipping (per-example norms from the ordinary
+# backward pass). Measured (SST-2 dev, one seed each): lr 5e-3 -> 83.5 %,
+# lr 5e-3 with linear decay -> 81.7 %, lr 1e-2 -> 85.3 %. Short private runs
+# are progress-limited: the noise inflates Adam's second moment and so
+# shrinks every step, which a larger rate compensates.
 DEFAULTS = dict(
     task="sst2",
     model="minilm",
@@ -103,7 +108,7 @@ DEFAULTS = dict(
     epochs=3.0,
     batch_size=2048,
     physical_batch_size=64,
-    learning_rate=5e-3,
+    learning_rate=1e-2,
     lr_schedule="constant",
     l2_norm_clip=1.0,
     lora_rank=8,
@@ -148,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Expected logical batch size B (Poisson rate q = B/N), in [1, N] (default 2048).")
     p.add_argument("--physical_batch_size", type=int, default=d["physical_batch_size"],
                    help="Rows per physical chunk (memory), >= 1 (default 64).")
-    p.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Adam learning rate, > 0.")
+    p.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Adam learning rate, > 0 (default 1e-2).")
     p.add_argument("--lr_schedule", default=d["lr_schedule"],
                    help="constant (default) or linear (decays to 0 over the planned logical steps).")
     p.add_argument("--l2_norm_clip", type=float, default=d["l2_norm_clip"], help="Per-example clip norm C, > 0.")
