@@ -81,11 +81,13 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+# numpy-only at import time (Keras/KerasHub load inside build_classifier).
+from ewtune_tf.nlp.models import POOLING_CHOICES
+
 TASK_CHOICES = ("sst2", "qnli", "mnli", "qqp")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 ACCOUNTANTS = ("tilted", "edgeworth")
 CLIPPING_CHOICES = ("ghost", "ghost_two_pass", "vectorized", "microbatch")
-POOLING_CHOICES = ("auto", "mean", "cls")  # = ewtune_tf.nlp.models.POOLING_CHOICES
 LR_SCHEDULES = ("constant", "linear")
 
 # Main-job defaults (SST-2, 2-core CPU, ~20 min): LoRA rank 8 on MiniLM-L6's
@@ -97,10 +99,10 @@ LR_SCHEDULES = ("constant", "linear")
 # of 1e-2, sequences cut at 64 tokens (SST-2's longest is ~66) with dynamic
 # padding per chunk, and ghost clipping (per-example norms from the ordinary
 # backward pass). Measured (SST-2 dev, one run each): lr 5e-3 -> 83.5 %,
-# lr 5e-3 with linear decay -> 81.7 %, lr 1e-2 -> 85.3 % (two repeats: 83.9, 84.3 %),
-# lr 2e-2 -> 83.4 %. Short private runs
-# are progress-limited: the noise inflates Adam's second moment and so
-# shrinks every step, which a larger rate compensates.
+# lr 5e-3 with linear decay -> 81.7 %, lr 1e-2 -> 85.3 % (two repeats: 83.9
+# and 84.3 %), lr 2e-2 -> 83.4 %. Short private runs are progress-limited: the
+# noise inflates Adam's second moment and so shrinks every step, which a
+# larger rate compensates.
 DEFAULTS = dict(
     task="sst2",
     model="minilm",
@@ -154,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Expected logical batch size B (Poisson rate q = B/N), in [1, N] (default 2048).")
     p.add_argument("--physical_batch_size", type=int, default=d["physical_batch_size"],
                    help="Rows per physical chunk (memory), >= 1 (default 64).")
-    p.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="Adam learning rate, > 0 (default 1e-2).")
+    p.add_argument("--learning_rate", type=float, default=d["learning_rate"],
+                   help="Adam learning rate, > 0 (default 1e-2).")
     p.add_argument("--lr_schedule", default=d["lr_schedule"],
                    help="constant (default) or linear (decays to 0 over the planned logical steps).")
     p.add_argument("--l2_norm_clip", type=float, default=d["l2_norm_clip"], help="Per-example clip norm C, > 0.")
@@ -1006,6 +1009,7 @@ def run(args: argparse.Namespace) -> Dict:
         "optimizer_updates": int(optimizer.iterations.numpy()),
         "final_learning_rate": _current_learning_rate(optimizer),
         "total_seconds": time.perf_counter() - t_start,
+        "classifier": type(classifier).__name__,  # What --pooling auto resolved to.
         "trainable_parameters": params["trainable"],
         "total_parameters": params["total"],
         "config": {k: v for k, v in vars(args).items()},

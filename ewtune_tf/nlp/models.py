@@ -157,8 +157,9 @@ def build_classifier(
 
     Returns:
       The classifier (``BertMeanPoolingClassifier`` or
-      ``keras_hub.models.BertTextClassifier``). It outputs logits; ``classifier.preprocessor`` maps raw
-      strings (or a pair of string tensors) to the backbone's token inputs.
+      ``keras_hub.models.BertTextClassifier``). It outputs logits;
+      ``classifier.preprocessor`` maps raw strings (or a pair of string
+      tensors) to the backbone's token inputs.
     """
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
@@ -262,12 +263,11 @@ def set_trainable(classifier, *, lora_rank: int = 0, trainable_layers: Optional[
     from ewtune_tf.nlp.classifier import BertMeanPoolingClassifier
 
     backbone = classifier.backbone
+    pooler = _find_layer(backbone, "pooled_dense")
     uses_pooler = not isinstance(classifier, BertMeanPoolingClassifier)
-    if not uses_pooler:
+    if pooler is not None and not uses_pooler:
         # Unused by the outputs: a trainable pooler would get no gradient.
-        pooler = _find_layer(backbone, "pooled_dense")
-        if pooler is not None:
-            pooler.trainable = False
+        pooler.trainable = False
     if lora_rank:
         backbone.enable_lora(int(lora_rank))
     elif trainable_layers is not None:
@@ -277,7 +277,6 @@ def set_trainable(classifier, *, lora_rank: int = 0, trainable_layers: Optional[
             layer.trainable = layer.name in keep
     else:
         return
-    pooler = _find_layer(backbone, "pooled_dense")
     if pooler is not None and uses_pooler:
         pooler.trainable = True
     for layer in classifier.layers:

@@ -143,8 +143,6 @@ def _acc(flag, value):
     return argv
 
 
-
-
 # (id, thunk, expected message regex); thunks take tmp_path.
 PYTHON_ROWS = [
     # --- accounting API

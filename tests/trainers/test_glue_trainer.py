@@ -101,6 +101,7 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
     assert metrics["dev_accuracy"] == summary["dev_accuracy"] and metrics["steps"] == 8
     assert metrics["optimizer_updates"] == 8 and metrics["final_learning_rate"] == pytest.approx(0.01)
     assert metrics["config"]["lr_schedule"] == "constant" and metrics["config"]["pooling"] == "auto"
+    assert metrics["classifier"] == "BertTextClassifier"  # auto: the tiny Keras preset has no mean-pooling config
     assert (run / "privacy.png").stat().st_size > 1000
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
