@@ -7,7 +7,8 @@ Modules (import them directly; this package imports nothing eagerly, so that
 
 * ``per_example``: vectorized per-example / per-microbatch gradients.
 * ``clipping``: the clipping-implementation registry (``ClippedGradients``,
-  ``clipped_gradient_sum``, ``register_clipping_impl``) with "vectorized"
+  ``clipped_gradient_sum``, ``register_clipping_impl``, group-wise clipping
+  with ``ClipGroups``) with "vectorized"
   and "microbatch"; "ghost" lives in ``ghost``.
 * ``noise``: Gaussian noise on the clipped sum through TF Privacy's DPQuery
   (fixed and adaptive clipping), secure per-replica random streams.

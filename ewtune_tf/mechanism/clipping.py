@@ -10,8 +10,8 @@ Interface (stable; other implementations, e.g. ghost clipping in
         num_records: tf.Tensor      # scalar int32: number of records (incl.
                                     # zero-weight padding records)
 
-    fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches)
-        -> ClippedGradients
+    fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches,
+       groups=None) -> ClippedGradients
 
     register_clipping_impl(name, fn)
     clipped_gradient_sum(strategy_name, model, per_example_loss_fn, variables,
@@ -34,6 +34,20 @@ Contract of an implementation ``fn``:
   An implementation must never skip clipping for a variable it cannot handle:
   it must fall back (e.g. to "vectorized") or raise.
 * Everything returned is float32, whatever the model's compute dtype.
+* Group-wise clipping (``groups``, a :class:`ClipGroups`): the variables are
+  partitioned into groups and record b's gradient restricted to group g is
+  scaled by ``min(1, C_g / norm_{g,b})`` with ``C_g = l2_norm_clip *
+  sqrt(share_g)`` and ``sum_g share_g = 1``. Each record's contribution then
+  has global norm ``<= sqrt(sum_g C_g^2) = l2_norm_clip``, so the noise
+  (``sigma * l2_norm_clip``) and the accounting are exactly those of global
+  clipping. Why: with one global clip, a group with large per-example
+  gradients (a freshly initialised classification head) takes nearly all of
+  each record's clip norm and the other groups' (LoRA) signal drowns in the
+  noise; a split budget bounds each group separately (He et al., 2022,
+  "Exploring the limits of differentially private deep learning with
+  group-wise clipping"). ``norms`` stays the global pre-clip norm. An
+  implementation that does not accept ``groups`` is refused by
+  :func:`clipped_gradient_sum` when groups are requested.
 
 Built-in implementations:
 
@@ -51,7 +65,9 @@ Unknown names raise ValueError listing the registered ones.
 """
 
 import importlib
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+import inspect
+import math
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -64,6 +80,86 @@ class ClippedGradients(NamedTuple):
     grad_sum: list
     norms: tf.Tensor
     num_records: tf.Tensor
+
+
+class ClipGroups(NamedTuple):
+    """A partition of the variables for group-wise clipping.
+
+    Attributes:
+      assignment: group index (in ``[0, len(shares))``) of each variable, in
+        the order of the ``variables`` passed to the implementation.
+      shares: share of the squared clip budget ``l2_norm_clip**2`` of each
+        group; each in (0, 1], summing to 1.
+    """
+
+    assignment: Tuple[int, ...]
+    shares: Tuple[float, ...]
+
+
+def check_clip_groups(groups: Optional[ClipGroups], num_variables: int) -> Optional[ClipGroups]:
+    """Validates ``groups`` against the number of variables (ValueError)."""
+    if groups is None:
+        return None
+    if not isinstance(groups, ClipGroups):
+        raise ValueError(f"groups must be None or a ClipGroups; got {type(groups).__name__}.")
+    shares = tuple(float(s) for s in groups.shares)
+    if not shares or any(not (0.0 < s <= 1.0) for s in shares):
+        raise ValueError(f"groups.shares must be non-empty, each in (0, 1]; got {groups.shares!r}.")
+    if abs(sum(shares) - 1.0) > 1e-9:
+        raise ValueError(f"groups.shares must sum to 1; got {groups.shares!r} (sum {sum(shares)!r}).")
+    assignment = tuple(int(a) for a in groups.assignment)
+    if len(assignment) != num_variables:
+        raise ValueError(
+            f"groups.assignment has {len(assignment)} entries for {num_variables} variables.")
+    if any(not (0 <= a < len(shares)) for a in assignment):
+        raise ValueError(
+            f"groups.assignment entries must be in [0, {len(shares) - 1}]; got {groups.assignment!r}.")
+    return ClipGroups(assignment, shares)
+
+
+def group_clips(l2_norm_clip, shares: Sequence[float]) -> list:
+    """``C_g = l2_norm_clip * sqrt(share_g)`` (float, or tensor if C is one)."""
+    return [l2_norm_clip * math.sqrt(s) for s in shares]
+
+
+def clip_factors_by_variable(
+    sq_norms: Sequence[Tuple[int, tf.Tensor]],
+    num_variables: int,
+    num_records,
+    l2_norm_clip,
+    groups: Optional[ClipGroups] = None,
+) -> Tuple[tf.Tensor, list]:
+    """Per-record clip factors for each variable, global or group-wise.
+
+    Args:
+      sq_norms: ``(variable index, [R] squared norms)`` terms; a variable may
+        contribute several terms (they add up).
+      num_variables: number of variables.
+      num_records: R (scalar, for the all-zero case).
+      l2_norm_clip: C (may be inf, or a tensor).
+      groups: None (one global clip) or a validated :class:`ClipGroups`.
+
+    Returns:
+      ``(norms, factors)``: the global pre-clip norms ``[R]`` and, per
+      variable, the ``[R]`` factors to scale its per-record gradients by
+      (stop-gradient'ed).
+    """
+    zeros = tf.zeros([num_records], tf.float32)
+    if groups is None:
+        total = tf.add_n([t for _, t in sq_norms]) if sq_norms else zeros
+        norms = tf.sqrt(total)
+        f = tf.stop_gradient(clip_factors(norms, l2_norm_clip))
+        return norms, [f] * num_variables
+    per_group = [[] for _ in groups.shares]
+    for i, t in sq_norms:
+        per_group[groups.assignment[i]].append(t)
+    group_sq = [tf.add_n(ts) if ts else zeros for ts in per_group]
+    norms = tf.sqrt(tf.add_n(group_sq))
+    fs = [
+        tf.stop_gradient(clip_factors(tf.sqrt(sq), c))
+        for sq, c in zip(group_sq, group_clips(l2_norm_clip, groups.shares))
+    ]
+    return norms, [fs[groups.assignment[i]] for i in range(num_variables)]
 
 
 ClippingFn = Callable[..., ClippedGradients]
@@ -144,25 +240,34 @@ def global_norms(per_record_grads: Sequence[tf.Tensor]) -> tf.Tensor:
     return tf.sqrt(tf.add_n(sq))
 
 
-def clip_and_sum(per_record_grads: Sequence[tf.Tensor], l2_norm_clip) -> ClippedGradients:
-    """Clips each record's gradient (global norm across variables) and sums."""
+def _sq_norms(g: tf.Tensor) -> tf.Tensor:
+    """[R] squared L2 norms of a per-record tensor [R, ...]."""
+    return tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
+
+
+def clip_and_sum(
+    per_record_grads: Sequence[tf.Tensor], l2_norm_clip, groups: Optional[ClipGroups] = None
+) -> ClippedGradients:
+    """Clips each record's gradient (global or group-wise norm) and sums."""
     grads = [tf.cast(g, tf.float32) for g in per_record_grads]
-    norms = global_norms(grads)
-    factors = clip_factors(norms, l2_norm_clip)
-    grad_sum = [tf.tensordot(factors, g, axes=[[0], [0]]) for g in grads]
+    num_records = tf.shape(grads[0])[0]
+    norms, factors = clip_factors_by_variable(
+        [(i, _sq_norms(g)) for i, g in enumerate(grads)], len(grads), num_records,
+        l2_norm_clip, groups)
+    grad_sum = [tf.tensordot(f, g, axes=[[0], [0]]) for f, g in zip(factors, grads)]
     return ClippedGradients(grad_sum, norms, tf.shape(norms)[0])
 
 
-def _vectorized(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches):
+def _vectorized(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, groups=None):
     del model
     with tf.GradientTape() as tape:
         losses = tf.cast(per_example_loss_fn(), tf.float32)
         records = per_example.group_into_microbatches(losses, num_microbatches)
     grads = per_example.per_record_gradients(tape, records, variables)
-    return clip_and_sum(grads, l2_norm_clip)
+    return clip_and_sum(grads, l2_norm_clip, groups)
 
 
-def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches):
+def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, groups=None):
     del model
     tf_vars = [per_example._as_tf_variable(v) for v in variables]
     with tf.GradientTape(persistent=True) as tape:
@@ -181,9 +286,11 @@ def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, num_microba
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         g = [tf.cast(tf.convert_to_tensor(x), tf.float32) for x in g]
-        norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(x)) for x in g]))
-        f = clip_factors(norm, l2_norm_clip)
-        return i + 1, [a + f * x for a, x in zip(acc, g)], ta.write(i, norm)
+        norms, factors = clip_factors_by_variable(
+            [(j, tf.reshape(tf.reduce_sum(tf.square(x)), [1])) for j, x in enumerate(g)],
+            len(g), 1, l2_norm_clip, groups)
+        acc = [a + f[0] * x for a, f, x in zip(acc, factors, g)]
+        return i + 1, acc, ta.write(i, norms[0])
 
     _, acc, norms_ta = tf.while_loop(
         lambda i, *_: i < num_records,
@@ -205,9 +312,28 @@ def clipped_gradient_sum(
     variables: Sequence,
     l2_norm_clip,
     num_microbatches: Optional[int] = None,
+    groups: Optional[ClipGroups] = None,
 ) -> ClippedGradients:
     """Runs the named clipping implementation (see module docstring)."""
     check_l2_norm_clip(l2_norm_clip)
     per_example.check_num_microbatches(num_microbatches, None)
+    variables = list(variables)
+    groups = check_clip_groups(groups, len(variables))
     fn = get_clipping_impl(strategy_name)
-    return fn(model, per_example_loss_fn, list(variables), l2_norm_clip, num_microbatches)
+    if groups is None:
+        return fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches)
+    if not _accepts_groups(fn):
+        # Never fall back to global clipping silently: the caller asked for a
+        # different per-group bound than global clipping gives.
+        raise ValueError(
+            f"clipping={strategy_name!r} does not support group-wise clipping (groups); "
+            "use one of 'ghost', 'ghost_two_pass', 'vectorized', 'microbatch', or no groups.")
+    return fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, groups=groups)
+
+
+def _accepts_groups(fn: ClippingFn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
+    return "groups" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

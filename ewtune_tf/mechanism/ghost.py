@@ -256,6 +256,7 @@ def ghost_clipped_gradients(
     num_microbatches: Optional[int] = None,
     *,
     mode: str = "bookkeeping",
+    groups: Optional["clipping.ClipGroups"] = None,
 ) -> "clipping.ClippedGradients":
     """Clipped gradient sum via ghost norms (see module docstring).
 
@@ -269,6 +270,9 @@ def ghost_clipped_gradients(
       num_microbatches: None (per-example records) or the number of records of
         consecutive examples; a record loss is the mean of its examples.
       mode: ``"bookkeeping"`` or ``"two_pass"``.
+      groups: None (one global clip) or a :class:`clipping.ClipGroups` for
+        group-wise clipping (two-pass mode then runs one re-weighted backward
+        pass per group).
 
     Returns:
       ``ClippedGradients(grad_sum, norms, num_records)``, all float32.
@@ -277,6 +281,7 @@ def ghost_clipped_gradients(
         raise ValueError(f"mode must be 'bookkeeping' or 'two_pass'; got {mode!r}.")
     clipping.check_l2_norm_clip(l2_norm_clip)
     variables = list(variables)
+    groups = clipping.check_clip_groups(groups, len(variables))
     tf_vars = [as_tf_variable(v) for v in variables]
     two_pass = mode == "two_pass"
 
@@ -329,7 +334,7 @@ def ghost_clipped_gradients(
     out_grads = [tf.convert_to_tensor(g) for g in out_grads]
 
     inv_k2 = 1.0 / (k_float * k_float)
-    sq_terms: List[tf.Tensor] = []
+    sq_terms: List[tuple] = []  # (variable index, [R] squared norms)
     plans: List[object] = []
     for tap, g in zip(taps, out_grads):
         if isinstance(tap, EinsumTap):
@@ -346,7 +351,7 @@ def ghost_clipped_gradients(
             plans.append(pe)
         else:  # pragma: no cover - defensive
             raise TypeError(f"unknown tap {tap!r}")
-        sq_terms.append(sq * inv_k2)
+        sq_terms.append((tap.var_index, sq * inv_k2))
 
     jac = []
     if fallback:
@@ -371,15 +376,11 @@ def ghost_clipped_gradients(
             j = tf.cast(tf.convert_to_tensor(j), tf.float32)
             per_var[i] = j if i not in per_var else per_var[i] + j
         jac = [per_var[i] for i in fallback]
-        sq_terms.extend(_sq(j) for j in jac)
+        sq_terms.extend((i, _sq(j)) for i, j in zip(fallback, jac))
 
     num_records = tf.shape(records)[0]
-    if sq_terms:
-        norms = tf.sqrt(tf.add_n(sq_terms))
-    else:
-        norms = tf.zeros([num_records], tf.float32)
-    factors = clipping.clip_factors(norms, l2_norm_clip)
-    factors = tf.stop_gradient(factors)
+    norms, var_factors = clipping.clip_factors_by_variable(
+        sq_terms, len(variables), num_records, l2_norm_clip, groups)
 
     grad_sum: List[Optional[tf.Tensor]] = [None] * len(variables)
 
@@ -388,20 +389,26 @@ def ghost_clipped_gradients(
         grad_sum[i] = value if grad_sum[i] is None else grad_sum[i] + value
 
     if two_pass:
-        weights = factors / k_float
-        if k > 1:
-            weights = tf.repeat(weights, k)
-        with tape:
-            weighted = tf.reduce_sum(losses * weights)
-        sources = [t.weight_read for t in taps]
-        grads = tape.gradient(
-            weighted, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        ) if sources else []
-        for tap, gr in zip(taps, grads):
-            add(tap.var_index, tf.convert_to_tensor(gr))
+        # One re-weighted backward pass per distinct factor vector (one per
+        # clip group; a single pass under global clipping), each restricted
+        # to the taps of its group.
+        passes: Dict[int, List[int]] = {}
+        for n, tap in enumerate(taps):
+            passes.setdefault(id(var_factors[tap.var_index]), []).append(n)
+        for members in passes.values():
+            weights = var_factors[taps[members[0]].var_index] / k_float
+            if k > 1:
+                weights = tf.repeat(weights, k)
+            with tape:
+                weighted = tf.reduce_sum(losses * weights)
+            sources = [taps[n].weight_read for n in members]
+            grads = tape.gradient(
+                weighted, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            for n, gr in zip(members, grads):
+                add(taps[n].var_index, tf.convert_to_tensor(gr))
     else:
-        scaled = factors / k_float
         for tap, g, plan in zip(taps, out_grads, plans):
+            scaled = var_factors[tap.var_index] / k_float
             if isinstance(tap, EinsumTap):
                 p, pe = plan
                 add(tap.var_index, p.weighted_sum(g, scaled, pe))
@@ -412,7 +419,7 @@ def ghost_clipped_gradients(
     # Fallback variables: the clipped sum of their jacobian rows (the records
     # already include the 1/k of a microbatch mean).
     for i, j in zip(fallback, jac):
-        add(i, tf.tensordot(factors, j, axes=[[0], [0]]))
+        add(i, tf.tensordot(var_factors[i], j, axes=[[0], [0]]))
     del tape
 
     result = [
@@ -422,17 +429,23 @@ def ghost_clipped_gradients(
     return clipping.ClippedGradients(result, norms, num_records)
 
 
-def bookkeeping_clipped_gradients(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches=None):
+def bookkeeping_clipped_gradients(
+    model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches=None, groups=None
+):
     """``"ghost"``: book-keeping ghost clipping (single backward pass)."""
     return ghost_clipped_gradients(
-        model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, mode="bookkeeping"
+        model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches,
+        mode="bookkeeping", groups=groups,
     )
 
 
-def two_pass_clipped_gradients(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches=None):
-    """``"ghost_two_pass"``: norms first, then a re-weighted backward pass."""
+def two_pass_clipped_gradients(
+    model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches=None, groups=None
+):
+    """``"ghost_two_pass"``: norms first, then re-weighted backward pass(es)."""
     return ghost_clipped_gradients(
-        model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, mode="two_pass"
+        model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches,
+        mode="two_pass", groups=groups,
     )
 
 

@@ -10,7 +10,8 @@ of X that
   ``sampling_probability``; ``num_microbatches``; ``clipping``;
   ``accountant_method``/``accountant_order``/``certify``; ``sampling``;
   ``noise_seed``; adaptive clipping with ``target_unclipped_quantile``,
-  ``clip_learning_rate``, ``clipped_count_stddev``);
+  ``clip_learning_rate``, ``clipped_count_stddev``; group-wise clipping
+  with ``clip_groups``);
 * keeps the privacy state as non-trainable optimizer variables, so that it is
   saved with the optimizer in ``.keras`` files and ``tf.train.Checkpoint``:
   ``dp_steps`` (private steps taken: noise releases), ``dp_noise_multiplier``,
@@ -62,6 +63,7 @@ _PRIVACY_KEYS = (
     "target_unclipped_quantile",
     "clip_learning_rate",
     "clipped_count_stddev",
+    "clip_groups",
 )
 
 
@@ -102,6 +104,7 @@ class EWTuneOptimizerMixin:
         target_unclipped_quantile=None,
         clip_learning_rate=0.2,
         clipped_count_stddev=None,
+        clip_groups=None,
         **kwargs,
     ):
         if kwargs.get("gradient_accumulation_steps"):
@@ -132,6 +135,7 @@ class EWTuneOptimizerMixin:
             target_unclipped_quantile=target_unclipped_quantile,
             clip_learning_rate=clip_learning_rate,
             clipped_count_stddev=clipped_count_stddev,
+            clip_groups=clip_groups,
         )
         super().__init__(*args, **kwargs)
         self._privacy = config
@@ -396,6 +400,7 @@ class EWTuneOptimizerMixin:
             target_unclipped_quantile=cfg.target_unclipped_quantile,
             clip_learning_rate=cfg.clip_learning_rate,
             clipped_count_stddev=cfg.clipped_count_stddev,
+            clip_groups=None if cfg.clip_groups is None else [list(g) for g in cfg.clip_groups],
         )
         return config
 

@@ -11,8 +11,9 @@ naming the parameter and its allowed range, before anything is built.
 import dataclasses
 import math
 import numbers
+import re
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ewtune_tf.mechanism import clipping as clipping_lib
 from ewtune_tf.mechanism import noise as noise_lib
@@ -71,6 +72,14 @@ class PrivacyConfig:
       clip_learning_rate: geometric learning rate of the adaptive clip (> 0).
       clipped_count_stddev: noise std of the adaptive clipping count, in
         records (> noise_multiplier / 2); default expected_batch_size / 20.
+      clip_groups: None (one global clip norm C) or group-wise clipping:
+        ``((pattern, share), ...)``. A trainable variable belongs to the
+        first group whose regex ``pattern`` matches (``re.search``) its
+        ``path``; variables matching none form a last, implicit group with
+        the remaining share ``1 - sum(shares)``. Group g is clipped to
+        ``C * sqrt(share_g)``, so each record's total norm stays <= C and
+        the noise and accounting are unchanged (see
+        ``ewtune_tf.mechanism.clipping``).
     """
 
     l2_norm_clip: float
@@ -92,6 +101,7 @@ class PrivacyConfig:
     target_unclipped_quantile: Optional[float] = None
     clip_learning_rate: float = 0.2
     clipped_count_stddev: Optional[float] = None
+    clip_groups: Optional[Tuple[Tuple[str, float], ...]] = None
 
     @property
     def adaptive_clipping(self) -> bool:
@@ -99,6 +109,75 @@ class PrivacyConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_clip_groups(clip_groups) -> Optional[Tuple[Tuple[str, float], ...]]:
+    """Validates ``clip_groups`` (see :class:`PrivacyConfig`); None passes."""
+    if clip_groups is None:
+        return None
+    msg = ("clip_groups must be None or a non-empty sequence of (pattern, share) pairs: "
+           "pattern a regular expression over variable paths, share in (0, 1], "
+           "shares summing to <= 1")
+    if isinstance(clip_groups, (str, bytes)) or not isinstance(clip_groups, Sequence) or not clip_groups:
+        raise ValueError(f"{msg}; got {clip_groups!r}.")
+    out = []
+    for item in clip_groups:
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+            raise ValueError(f"{msg}; got the entry {item!r}.")
+        pattern, share = item
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{msg}; got the pattern {pattern!r}.")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"clip_groups: pattern {pattern!r} is not a valid regular expression ({e}).") from None
+        share = _check_float("clip_groups share", share, 0.0, 1.0, hi_open=False)
+        out.append((pattern, share))
+    total = sum(s for _, s in out)
+    if total > 1.0 + 1e-9:
+        raise ValueError(f"{msg}; the shares sum to {total!r}.")
+    return tuple(out)
+
+
+def resolve_clip_groups(
+    clip_groups: Optional[Tuple[Tuple[str, float], ...]], variable_paths: Sequence[str]
+) -> Optional[clipping_lib.ClipGroups]:
+    """Assigns variables to the groups of ``clip_groups`` (ValueError if unusable).
+
+    Every group must own at least one variable, and the remaining share must
+    be positive exactly when some variable matches no pattern: a group with
+    no variable would waste its share of the clip budget, and variables
+    without a share could not be clipped.
+    """
+    if clip_groups is None:
+        return None
+    shares = [s for _, s in clip_groups]
+    rest = 1.0 - sum(shares)
+    if rest <= 1e-9:
+        rest = 0.0
+    compiled = [re.compile(p) for p, _ in clip_groups]
+    assignment = []
+    for path in variable_paths:
+        idx = next((i for i, rx in enumerate(compiled) if rx.search(path)), len(compiled))
+        assignment.append(idx)
+    for i, (pattern, _) in enumerate(clip_groups):
+        if i not in assignment:
+            raise ValueError(
+                f"clip_groups: pattern {pattern!r} matches no trainable variable "
+                f"(paths: {list(variable_paths)[:8]}{' ...' if len(variable_paths) > 8 else ''}).")
+    unmatched = [p for p, a in zip(variable_paths, assignment) if a == len(compiled)]
+    if unmatched and rest == 0.0:
+        raise ValueError(
+            f"clip_groups: the shares sum to 1 but {len(unmatched)} trainable variable(s) match "
+            f"no pattern (e.g. {unmatched[0]!r}); lower a share to leave them a budget.")
+    if not unmatched and rest > 0.0:
+        raise ValueError(
+            f"clip_groups: every trainable variable matches a pattern, so the remaining share "
+            f"{rest:.6g} of the clip budget would be unused; make the shares sum to 1.")
+    if unmatched:
+        shares.append(rest)
+    total = sum(shares)  # exactly 1 up to round-off; renormalize for the check.
+    return clipping_lib.ClipGroups(tuple(assignment), tuple(s / total for s in shares))
 
 
 def resolve_privacy_config(
@@ -122,6 +201,7 @@ def resolve_privacy_config(
     target_unclipped_quantile=None,
     clip_learning_rate=0.2,
     clipped_count_stddev=None,
+    clip_groups=None,
 ) -> PrivacyConfig:
     """Validates the optimizer's privacy arguments and calibrates sigma.
 
@@ -223,6 +303,11 @@ def resolve_privacy_config(
             "offers NO privacy. Use only for tests.",
             stacklevel=3,
         )
+    groups = check_clip_groups(clip_groups)
+    if groups is not None and target_unclipped_quantile is not None:
+        raise ValueError(
+            "clip_groups (group-wise clipping) cannot be combined with "
+            "target_unclipped_quantile (adaptive clipping); use one of them.")
     tq = cc = None
     lr = _check_float("clip_learning_rate", clip_learning_rate, 0.0, math.inf)
     if target_unclipped_quantile is not None:
@@ -240,6 +325,7 @@ def resolve_privacy_config(
     elif clipped_count_stddev is not None:
         raise ValueError("clipped_count_stddev is only used with target_unclipped_quantile (adaptive clipping).")
     return PrivacyConfig(
+        clip_groups=groups,
         target_unclipped_quantile=tq,
         clip_learning_rate=lr,
         clipped_count_stddev=cc,

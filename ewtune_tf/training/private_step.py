@@ -57,6 +57,7 @@ import tensorflow as tf
 from ewtune_tf.mechanism import clipping as clipping_lib
 from ewtune_tf.mechanism import per_example
 from ewtune_tf.optimizers import dp_optimizer
+from ewtune_tf.optimizers import privacy_config as privacy_config_lib
 from ewtune_tf.training.per_example_loss import make_per_example_loss
 
 
@@ -203,6 +204,10 @@ def private_train_step(self, data):
         raise ValueError("model: no trainable variables; nothing to train privately.")
     if not opt.built:
         opt.build(variables)
+    # Group-wise clipping: resolved at trace time, when the variables are known
+    # (ValueError before the first update if a group is unusable).
+    groups = privacy_config_lib.resolve_clip_groups(
+        cfg.clip_groups, [getattr(v, "path", v.name) for v in variables])
     per_example_loss = make_per_example_loss(self)
     leaf = _first_leaf(x)
     static_b = leaf.shape[0]
@@ -247,7 +252,7 @@ def private_train_step(self, data):
         per_example.check_num_microbatches(nmb, static_b)
         result = clipping_lib.clipped_gradient_sum(
             clipping, self, forward(x, y, sample_weight, opts.report_train_metrics),
-            variables, l2_norm_clip, nmb,
+            variables, l2_norm_clip, nmb, groups=groups,
         )
         grad_sum = result.grad_sum
         count = _centered_unclipped_count(result.norms, sample_weight, nmb, l2_norm_clip) if adaptive else None
@@ -256,7 +261,7 @@ def private_train_step(self, data):
         per_example.check_num_microbatches(nmb, p)
         grad_sum, count = _chunked_clipped_sum(
             self, forward, x, y, sample_weight, variables, clipping, l2_norm_clip, nmb, p,
-            opts.report_train_metrics,
+            opts.report_train_metrics, groups,
         )
         count = count if adaptive else None
         chunk_size = p
@@ -288,7 +293,8 @@ def _pad_rows(t, pad):
     return tf.pad(t, paddings)
 
 
-def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_clip, nmb, p, report):
+def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_clip, nmb, p, report,
+                         groups=None):
     """Accumulates clipped sums (and the adaptive-clipping count) over
     physical chunks of ``p`` rows."""
     batch = tf.shape(w)[0]
@@ -317,7 +323,8 @@ def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_c
         yc = tf.nest.map_structure(lambda t: chunk(t, i), ys)
         wc = chunk(ws, i)
         res = clipping_lib.clipped_gradient_sum(
-            clipping, model, forward(xc, yc, wc, report), variables, l2_norm_clip, nmb
+            clipping, model, forward(xc, yc, wc, report), variables, l2_norm_clip, nmb,
+            groups=groups,
         )
         count = count + _centered_unclipped_count(res.norms, wc, nmb, l2_norm_clip)
         return i + 1, [a + g for a, g in zip(acc, res.grad_sum)], count

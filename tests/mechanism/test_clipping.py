@@ -105,3 +105,101 @@ def test_ghost_is_resolved_lazily_by_name():
 def test_bad_clip_norm(bad):
     with pytest.raises(ValueError, match="l2_norm_clip"):
         clipping.check_l2_norm_clip(bad)
+
+
+# --------------------------------------------------------------------------
+# Group-wise clipping
+# --------------------------------------------------------------------------
+
+
+def _group_reference(grads, assignment, shares, c):
+    """numpy reference: each record's group-g slice clipped to c*sqrt(share_g)."""
+    g_np = [g.numpy().reshape(g.shape[0], -1) for g in grads]
+    out = [np.zeros(g.shape[1:], np.float64) for g in grads]
+    for r in range(g_np[0].shape[0]):
+        for grp, share in enumerate(shares):
+            idx = [i for i, a in enumerate(assignment) if a == grp]
+            norm = math.sqrt(sum(float(np.sum(g_np[i][r] ** 2)) for i in idx))
+            f = min(1.0, c * math.sqrt(share) / norm) if norm > 0 else 1.0
+            for i in idx:
+                out[i] += f * grads[i][r].numpy()
+    return out
+
+
+@pytest.mark.parametrize("impl", ["vectorized", "microbatch", "ghost", "ghost_two_pass"])
+@pytest.mark.parametrize("nmb", [None, 4])
+def test_group_clipping_matches_reference_and_bounds_each_record(impl, nmb):
+    model, loss_fn = _setup()
+    variables = model.trainable_variables  # [k0, b0, k1, b1]
+    groups = clipping.ClipGroups(assignment=(0, 0, 1, 1), shares=(0.2, 0.8))
+    c = 0.05
+    grads = per_example.per_example_gradients(loss_fn, variables, nmb)
+    res = clipping.clipped_gradient_sum(impl, model, loss_fn, variables, c, nmb, groups=groups)
+    ref = _group_reference(grads, groups.assignment, groups.shares, c)
+    for a, b in zip(res.grad_sum, ref):
+        np.testing.assert_allclose(a.numpy(), b, atol=1e-6, rtol=1e-4)
+    # norms stay the global pre-clip norms.
+    np.testing.assert_allclose(res.norms.numpy(), clipping.global_norms(grads).numpy(), rtol=1e-5)
+    # Every record's clipped contribution has global norm <= C.
+    n_rec = grads[0].shape[0]
+    for r in range(n_rec):
+        one = [tf.expand_dims(g[r], 0) for g in grads]
+        single = clipping.clip_and_sum(one, c, groups).grad_sum
+        norm = math.sqrt(sum(float(tf.reduce_sum(g ** 2)) for g in single))
+        assert norm <= c * (1 + 1e-6)
+
+
+def test_group_clipping_differs_from_global_when_one_group_dominates():
+    model, loss_fn = _setup()
+    variables = model.trainable_variables
+    groups = clipping.ClipGroups(assignment=(0, 0, 1, 1), shares=(0.5, 0.5))
+    glob = clipping.clipped_gradient_sum("vectorized", model, loss_fn, variables, 0.05)
+    grp = clipping.clipped_gradient_sum("vectorized", model, loss_fn, variables, 0.05, groups=groups)
+    assert any(not np.allclose(a.numpy(), b.numpy()) for a, b in zip(glob.grad_sum, grp.grad_sum))
+
+
+def test_single_group_equals_global_clipping():
+    model, loss_fn = _setup()
+    variables = model.trainable_variables
+    groups = clipping.ClipGroups(assignment=(0, 0, 0, 0), shares=(1.0,))
+    glob = clipping.clipped_gradient_sum("ghost", model, loss_fn, variables, 0.05)
+    grp = clipping.clipped_gradient_sum("ghost", model, loss_fn, variables, 0.05, groups=groups)
+    for a, b in zip(glob.grad_sum, grp.grad_sum):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        (clipping.ClipGroups((0, 0, 1, 1), (0.5, 0.4)), "sum to 1"),
+        (clipping.ClipGroups((0, 0, 1, 1), (0.0, 1.0)), r"each in \(0, 1\]"),
+        (clipping.ClipGroups((0, 0, 1), (0.5, 0.5)), "3 entries for 4 variables"),
+        (clipping.ClipGroups((0, 0, 1, 2), (0.5, 0.5)), r"in \[0, 1\]"),
+        ((0, 0, 1, 1), "ClipGroups"),
+    ],
+)
+def test_bad_groups_rejected(groups, match):
+    model, loss_fn = _setup()
+    with pytest.raises(ValueError, match=match):
+        clipping.clipped_gradient_sum("vectorized", model, loss_fn, model.trainable_variables, 1.0,
+                                      groups=groups)
+
+
+def test_impl_without_groups_support_is_refused_not_run_globally():
+    model, loss_fn = _setup()
+    calls = []
+
+    def legacy(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches):
+        calls.append(1)
+        return clipping.get_clipping_impl("vectorized")(
+            model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches)
+
+    clipping.register_clipping_impl("test_legacy", legacy)
+    try:
+        groups = clipping.ClipGroups((0, 0, 1, 1), (0.5, 0.5))
+        with pytest.raises(ValueError, match="does not support group-wise clipping"):
+            clipping.clipped_gradient_sum("test_legacy", model, loss_fn, model.trainable_variables,
+                                          1.0, groups=groups)
+        assert not calls
+    finally:
+        clipping._REGISTRY.pop("test_legacy", None)

@@ -70,6 +70,11 @@ BAD = [
     (dict(noise_multiplier=None, target_epsilon=1.0, epochs=None), "epochs"),
     (dict(l2_norm_clip=math.inf), "l2_norm_clip"),
     (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+    (dict(clip_groups="dense"), "clip_groups"),
+    (dict(clip_groups=[("dense", 0.0)]), "clip_groups share"),
+    (dict(clip_groups=[("a", 0.6), ("b", 0.6)]), "clip_groups.*sum to 1.2"),
+    (dict(clip_groups=[("(", 0.5)]), "clip_groups: pattern '\\(' is not a valid"),
+    (dict(clip_groups=[("a", 0.5)], target_unclipped_quantile=0.5), "clip_groups.*adaptive"),
 ]
 
 
@@ -158,6 +163,13 @@ def test_adaptive_clipping_config_round_trip():
     again = EWTuneSGD.from_config(opt.get_config())
     assert again.privacy_config == opt.privacy_config
     assert again.privacy_state()["current_l2_norm_clip"] == 1.0
+
+
+def test_clip_groups_config_round_trip():
+    opt = EWTuneAdam(0.1, clip_groups=[("logits", 0.25)], **BASE)
+    assert opt.privacy_config.clip_groups == (("logits", 0.25),)
+    again = EWTuneAdam.from_config(opt.get_config())
+    assert again.privacy_config == opt.privacy_config
 
 
 def test_two_models_with_same_tf_seed_get_independent_noise():

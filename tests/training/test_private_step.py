@@ -97,6 +97,74 @@ def test_chunking_and_impls_match_single_chunk_vectorized(opts):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("physical", [None, 3])
+def test_clip_groups_update_equals_group_clipped_reference(physical):
+    """Group-wise clipping through fit: with sigma = 0 and SGD(lr=1) the
+    update is minus the group-clipped sum over the expected batch size."""
+    from ewtune_tf.mechanism import clipping, per_example
+
+    x, y = _data(6)
+    m = _sequential()
+    variables = m.trainable_variables
+    paths = [v.path for v in variables]
+    head = "^" + paths[2].rsplit("/", 1)[0] + "/"  # the second Dense layer
+    before = _weights(m)
+    grads = per_example.per_example_gradients(
+        lambda: keras.losses.sparse_categorical_crossentropy(y, m(x), from_logits=True), variables)
+    groups = clipping.ClipGroups((1, 1, 0, 0), (0.25, 0.75))
+    ref = clipping.clip_and_sum(grads, 0.2, groups).grad_sum
+    m.compile(EWTuneSGD(1.0, l2_norm_clip=0.2, noise_multiplier=0.0, batch_size=6,
+                        clip_groups=[(head, 0.25)]), LOSS)
+    make_private(m, physical_batch_size=physical)
+    m.train_on_batch(x, y)
+    for b, a, r in zip(before, _weights(m), ref):
+        np.testing.assert_allclose(b - a, r.numpy() / 6, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups, needle", [
+    ([("no_such_layer", 0.5)], "matches no trainable variable"),
+    ([("dense", 1.0), ("no", 0.0001)], "clip_groups share|sum to"),
+    ([(".*", 0.5)], "remaining share 0.5 of the clip budget would be unused"),
+])
+def test_unusable_clip_groups_fail_before_any_update(groups, needle):
+    x, y = _data(6)
+    m = _sequential()
+    before = _weights(m)
+    with pytest.raises(ValueError, match=needle):
+        m.compile(EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=6, clip_groups=groups), LOSS)
+        make_private(m)
+        m.train_on_batch(x, y)
+    for a, b in zip(before, _weights(m)):
+        np.testing.assert_array_equal(a, b)
+    opt = getattr(m, "optimizer", None)  # unset when the optimizer itself refused the groups
+    assert opt is None or int(opt.dp_steps.numpy()) == 0
+
+
+def test_all_variables_matched_with_shares_summing_to_one_is_fine():
+    x, y = _data(6)
+    m = _sequential()
+    paths = [v.path for v in m.trainable_variables]
+    first = "^" + paths[0].rsplit("/", 1)[0] + "/"
+    m.compile(EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=0.0, batch_size=6,
+                        clip_groups=[(first, 0.5), (".*", 0.5)]), LOSS)
+    make_private(m)
+    m.train_on_batch(x, y)
+    assert int(m.optimizer.dp_steps.numpy()) == 1
+
+
+def test_unmatched_variables_without_a_share_fail():
+    x, y = _data(6)
+    m = _sequential()
+    paths = [v.path for v in m.trainable_variables]
+    first = "^" + paths[0].rsplit("/", 1)[0] + "/"
+    m.compile(EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=6,
+                        clip_groups=[(first, 1.0)]), LOSS)
+    make_private(m)
+    with pytest.raises(ValueError, match="match no pattern"):
+        m.train_on_batch(x, y)
+    assert int(m.optimizer.dp_steps.numpy()) == 0
+
+
 def test_padding_rows_do_not_change_the_update():
     x, y = _data(10)
     results = []
