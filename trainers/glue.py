@@ -76,6 +76,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -114,6 +115,7 @@ DEFAULTS = dict(
     learning_rate=1e-2,
     lr_schedule="constant",
     l2_norm_clip=1.0,
+    head_clip_share=None,
     lora_rank=8,
     sequence_length=64,
     accountant="tilted",
@@ -161,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_schedule", default=d["lr_schedule"],
                    help="constant (default) or linear (decays to 0 over the planned logical steps).")
     p.add_argument("--l2_norm_clip", type=float, default=d["l2_norm_clip"], help="Per-example clip norm C, > 0.")
+    p.add_argument("--head_clip_share", type=float, default=d["head_clip_share"],
+                   help="Group-wise clipping: share s in (0, 1) of the squared clip budget C^2 for the "
+                        "classification head; the head is clipped to C*sqrt(s) and the other trainable "
+                        "weights (LoRA) to C*sqrt(1-s), so each example's norm stays <= C and epsilon is "
+                        "unchanged. Unset: one global clip (default "
+                        f"{d['head_clip_share']}).")
     p.add_argument("--lora_rank", type=int, default=d["lora_rank"],
                    help="LoRA rank, >= 0; 0 = no LoRA (default 8).")
     p.add_argument("--trainable_layers", type=int, default=None,
@@ -222,6 +230,8 @@ def validate_args(args: argparse.Namespace) -> None:
            args.learning_rate)
     _check(fin(args.l2_norm_clip) and args.l2_norm_clip > 0, "--l2_norm_clip", "a finite number > 0",
            args.l2_norm_clip)
+    _check(args.head_clip_share is None or (fin(args.head_clip_share) and 0 < args.head_clip_share < 1),
+           "--head_clip_share", "in (0, 1) or unset", args.head_clip_share)
     _check(args.lora_rank >= 0, "--lora_rank", "an integer >= 0 (0 disables LoRA)", args.lora_rank)
     _check(args.trainable_layers is None or args.trainable_layers >= 0, "--trainable_layers",
            "an integer >= 0 or unset", args.trainable_layers)
@@ -489,10 +499,29 @@ _TRAINING_KEYS = {
     "pooling": "--pooling",
     "sequence_length": "--sequence_length",
     "clipping": "--clipping",
+    "head_clip_share": "--head_clip_share",
     "learning_rate": "--learning_rate",
     "lr_schedule": "--lr_schedule",
     "physical_batch_size": "--physical_batch_size (logical step = physical batches // accumulation, --no_dp)",
 }
+
+
+def _head_clip_groups(classifier, share: Optional[float]):
+    """``clip_groups`` for EWTuneAdam: the head's variables get ``share``.
+
+    The head is the classifier's ``output_dense`` layer (KerasHub's
+    ``BertTextClassifier`` and our ``BertMeanPoolingClassifier`` both name it
+    so); the pattern matches its variables' exact paths.
+    """
+    if share is None:
+        return None
+    head = getattr(classifier, "output_dense", None)
+    paths = [v.path for v in getattr(head, "trainable_variables", [])]
+    if not paths:
+        raise UsageError(
+            f"--head_clip_share: the classifier {type(classifier).__name__} has no trainable "
+            "output_dense head layer to give a share of the clip budget; leave --head_clip_share unset.")
+    return [("^(?:" + "|".join(re.escape(p) for p in paths) + ")$", float(share))]
 
 
 def _privacy_config(args: argparse.Namespace, n: int, q: float, sigma: float, total_steps: int) -> Dict:
@@ -789,6 +818,8 @@ def run(args: argparse.Namespace) -> Dict:
             from ewtune_tf.optimizers import EWTuneAdam
             from ewtune_tf.training import make_private
 
+            clip_groups = _head_clip_groups(classifier, args.head_clip_share)
+
             optimizer = EWTuneAdam(
                 learning_rate=learning_rate,
                 l2_norm_clip=args.l2_norm_clip,
@@ -803,6 +834,7 @@ def run(args: argparse.Namespace) -> Dict:
                 clipping=args.clipping,
                 accountant_method=args.accountant,
                 certify=True,
+                clip_groups=clip_groups,
             )
             model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
             make_private(model, physical_batch_size=args.physical_batch_size)
@@ -955,6 +987,12 @@ def run(args: argparse.Namespace) -> Dict:
             "accountant_order": 2,
             "certify": True,
             "clipping": None if args.no_dp else args.clipping,
+            "clip_groups": None if args.no_dp or args.head_clip_share is None else {
+                "head": {"share": args.head_clip_share,
+                         "l2_norm_clip": args.l2_norm_clip * math.sqrt(args.head_clip_share)},
+                "rest": {"share": 1.0 - args.head_clip_share,
+                         "l2_norm_clip": args.l2_norm_clip * math.sqrt(1.0 - args.head_clip_share)},
+            },
             "physical_batch_size": args.physical_batch_size,
         },
         "outputs": {

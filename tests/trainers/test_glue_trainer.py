@@ -49,6 +49,8 @@ def _base_args(tmp_path, tiny_preset, *extra):
         (["--max_steps", "0"], "--max_steps must be"),
         (["--lr_schedule", "cosine"], "--lr_schedule must be one of"),
         (["--pooling", "max"], "--pooling must be one of"),
+        (["--head_clip_share", "1"], "--head_clip_share must be in (0, 1) or unset"),
+        (["--head_clip_share", "0"], "--head_clip_share must be in (0, 1) or unset"),
         (["--model", "no_such_model"], "--model 'no_such_model' is not a known model"),
     ],
 )
@@ -142,6 +144,33 @@ def test_linear_schedule_counts_logical_steps(tmp_path, tiny_preset, capsys):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["optimizer_updates"] == 8
     assert metrics["final_learning_rate"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_head_clip_share_splits_the_clip_budget(tmp_path, tiny_preset, capsys):
+    """Group-wise clipping: the report records both groups' clip norms, whose
+    squares add up to C^2 (so epsilon is that of global clipping at C)."""
+    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--head_clip_share", "0.25", "--l2_norm_clip", "2",
+                                 "--max_steps", "2", "--no_export", "--max_eval_examples", "4"))
+    assert rc == 0
+    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
+    groups = report["inputs"]["clip_groups"]
+    assert groups["head"]["l2_norm_clip"] == pytest.approx(1.0)
+    assert groups["head"]["l2_norm_clip"] ** 2 + groups["rest"]["l2_norm_clip"] ** 2 == pytest.approx(4.0)
+    assert report["inputs"]["l2_norm_clip"] == 2.0
+
+
+def test_head_clip_groups_match_only_the_head(tiny_preset):
+    import re
+
+    from ewtune_tf.nlp import models
+
+    classifier = models.build_classifier(tiny_preset, num_classes=2, sequence_length=16, lora_rank=2)
+    (pattern, share), = trainer._head_clip_groups(classifier, 0.3)
+    head = {v.path for v in classifier.output_dense.trainable_variables}
+    matched = {v.path for v in classifier.trainable_variables if re.search(pattern, v.path)}
+    assert matched == head and share == 0.3
+    assert len(classifier.trainable_variables) > len(head)  # LoRA weights form the other group
+    assert trainer._head_clip_groups(classifier, None) is None
 
 
 def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
