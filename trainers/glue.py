@@ -114,6 +114,7 @@ DEFAULTS = dict(
     physical_batch_size=64,
     learning_rate=1e-2,
     lr_schedule="constant",
+    ema_momentum=None,
     l2_norm_clip=1.0,
     head_clip_share=None,
     lora_rank=8,
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate, > 0 (default 1e-2).")
     p.add_argument("--lr_schedule", default=d["lr_schedule"],
                    help="constant (default) or linear (decays to 0 over the planned logical steps).")
+    p.add_argument("--ema_momentum", type=float, default=d["ema_momentum"],
+                   help="Evaluate and export an exponential moving average of the weights with this momentum "
+                        "in (0, 1) (post-processing: no privacy cost). Unset: the last iterate "
+                        f"(default {d['ema_momentum']}).")
     p.add_argument("--l2_norm_clip", type=float, default=d["l2_norm_clip"], help="Per-example clip norm C, > 0.")
     p.add_argument("--head_clip_share", type=float, default=d["head_clip_share"],
                    help="Group-wise clipping: share s in (0, 1) of the squared clip budget C^2 for the "
@@ -239,6 +244,8 @@ def validate_args(args: argparse.Namespace) -> None:
            "used only with --lora_rank 0", args.trainable_layers)
     _check(args.dropout is None or (fin(args.dropout) and 0 <= args.dropout < 1), "--dropout", "in [0, 1)",
            args.dropout)
+    _check(args.ema_momentum is None or (fin(args.ema_momentum) and 0 < args.ema_momentum < 1),
+           "--ema_momentum", "in (0, 1) or unset", args.ema_momentum)
     _check(args.lr_schedule in LR_SCHEDULES, "--lr_schedule", f"one of {LR_SCHEDULES}", args.lr_schedule)
     _check(args.pooling in POOLING_CHOICES, "--pooling", f"one of {POOLING_CHOICES}", args.pooling)
     _check(8 <= args.sequence_length <= 512, "--sequence_length", "an integer in [8, 512]", args.sequence_length)
@@ -502,6 +509,7 @@ _TRAINING_KEYS = {
     "head_clip_share": "--head_clip_share",
     "learning_rate": "--learning_rate",
     "lr_schedule": "--lr_schedule",
+    "ema_momentum": "--ema_momentum",
     "physical_batch_size": "--physical_batch_size (logical step = physical batches // accumulation, --no_dp)",
 }
 
@@ -636,6 +644,28 @@ def _remove_checkpoints_after(ckpt_dir: str, step: int) -> List[str]:
             os.unlink(os.path.join(ckpt_dir, name))
             removed.append(name)
     return removed
+
+
+def _ema_kwargs(args: argparse.Namespace) -> Dict:
+    """Keras's optimizer EMA of the weights (``use_ema``), when asked for."""
+    if args.ema_momentum is None:
+        return {}
+    return {"use_ema": True, "ema_momentum": float(args.ema_momentum)}
+
+
+def _defer_ema_finalization(optimizer):
+    """Stops fit() from swapping in the weight average after each epoch.
+
+    Keras's ``fit`` overwrites the weights with their moving average when it
+    returns; the trainer runs one ``fit`` per epoch, so that would feed the
+    average back into training. The average is meant only for evaluation and
+    export, so the swap is deferred to after the last epoch: the returned
+    callable does it. The average lives in optimizer variables, so it is
+    checkpointed and resumed with them.
+    """
+    finalize = optimizer.finalize_variable_values
+    optimizer.finalize_variable_values = lambda var_list: None
+    return finalize
 
 
 def _learning_rate(args: argparse.Namespace, total_steps: int):
@@ -811,7 +841,7 @@ def run(args: argparse.Namespace) -> Dict:
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         if args.no_dp:
             accumulate = max(1, int(math.ceil(args.batch_size / args.physical_batch_size)))
-            optimizer = keras.optimizers.Adam(learning_rate=learning_rate,
+            optimizer = keras.optimizers.Adam(learning_rate=learning_rate, **_ema_kwargs(args),
                                               gradient_accumulation_steps=accumulate if accumulate > 1 else None)
             model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         else:
@@ -822,6 +852,7 @@ def run(args: argparse.Namespace) -> Dict:
 
             optimizer = EWTuneAdam(
                 learning_rate=learning_rate,
+                **_ema_kwargs(args),
                 l2_norm_clip=args.l2_norm_clip,
                 noise_multiplier=sigma,
                 noise_multiplier_source="calibrated",
@@ -904,6 +935,7 @@ def run(args: argparse.Namespace) -> Dict:
          + (f"; resuming at epoch {start_epoch + 1}, step {done_in_epoch} of it" if start_step else ""))
     t_train = time.perf_counter()
     fit_history: Dict[str, List[float]] = {}
+    finalize_ema = _defer_ema_finalization(optimizer) if args.ema_momentum is not None else None
     # One fit() per epoch, each over a freshly sampled epoch: a resumed run
     # starts its first epoch `done_in_epoch` batches in, and (with
     # --sampling_seed) the batch of logical step t depends only on
@@ -940,6 +972,8 @@ def run(args: argparse.Namespace) -> Dict:
             # feasible, as calibrated). Report the steps actually taken.
             _log(f"[train] stopped at logical step {logical_step()} (privacy budget cap)")
             break
+    if finalize_ema is not None:
+        finalize_ema(model.trainable_weights)
     train_seconds = time.perf_counter() - t_train
 
     # ---- accounting for the steps actually taken.

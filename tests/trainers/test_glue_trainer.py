@@ -49,6 +49,7 @@ def _base_args(tmp_path, tiny_preset, *extra):
         (["--max_steps", "0"], "--max_steps must be"),
         (["--lr_schedule", "cosine"], "--lr_schedule must be one of"),
         (["--pooling", "max"], "--pooling must be one of"),
+        (["--ema_momentum", "1"], "--ema_momentum must be in (0, 1) or unset"),
         (["--head_clip_share", "1"], "--head_clip_share must be in (0, 1) or unset"),
         (["--head_clip_share", "0"], "--head_clip_share must be in (0, 1) or unset"),
         (["--model", "no_such_model"], "--model 'no_such_model' is not a known model"),
@@ -171,6 +172,33 @@ def test_head_clip_groups_match_only_the_head(tiny_preset):
     assert matched == head and share == 0.3
     assert len(classifier.trainable_variables) > len(head)  # LoRA weights form the other group
     assert trainer._head_clip_groups(classifier, None) is None
+
+
+def test_ema_is_swapped_in_once_after_training(tmp_path, tiny_preset, capsys):
+    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--ema_momentum", "0.5", "--max_steps", "3",
+                                 "--no_export", "--max_eval_examples", "4"))
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3
+
+
+def test_deferred_ema_finalization_keeps_the_iterate_during_fit():
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
+    model.compile(opt, "mse")
+    finalize = trainer._defer_ema_finalization(opt)
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 1), "float32")
+    model.fit(x, y, epochs=2, batch_size=2, verbose=0)
+    iterate = [w.numpy().copy() for w in model.trainable_weights]
+    average = [a.numpy().copy() for a in opt._model_variables_moving_average]
+    assert any(not np.allclose(i, a) for i, a in zip(iterate, average))  # fit did not swap
+    finalize(model.trainable_weights)
+    for w, a in zip(model.trainable_weights, average):
+        np.testing.assert_allclose(w.numpy(), a)
 
 
 def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
