@@ -56,7 +56,7 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_FLAGS)
 
 test-tfx: install-tfx
-	$(VENV_TFX)/bin/python -m pytest -q tests/tfx tests/nlp/test_hf_compat.py tests/nlp/test_classifier.py $(PYTEST_FLAGS)
+	$(VENV_TFX)/bin/python -m pytest -q tests/tfx tests/nlp/test_hf_compat.py tests/nlp/test_classifier.py tests/mechanism/test_clipping.py tests/training/test_private_step.py $(PYTEST_FLAGS)
 
 bench: install
 	mkdir -p bench_results
