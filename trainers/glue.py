@@ -248,8 +248,7 @@ def validate_args(args: argparse.Namespace) -> None:
            "an integer >= 0 or unset", args.trainable_layers)
     _check(args.trainable_layers is None or args.lora_rank == 0, "--trainable_layers",
            "used only with --lora_rank 0", args.trainable_layers)
-    _check(args.dropout is None or (fin(args.dropout) and 0 <= args.dropout < 1), "--dropout", "in [0, 1)",
-           args.dropout)
+    _check(fin(args.dropout) and 0 <= args.dropout < 1, "--dropout", "in [0, 1)", args.dropout)
     _check(args.ema_momentum is None or (fin(args.ema_momentum) and 0 < args.ema_momentum < 1),
            "--ema_momentum", "in (0, 1) or unset", args.ema_momentum)
     _check(args.lr_schedule in LR_SCHEDULES, "--lr_schedule", f"one of {LR_SCHEDULES}", args.lr_schedule)
@@ -1028,10 +1027,8 @@ def run(args: argparse.Namespace) -> Dict:
             "certify": True,
             "clipping": None if args.no_dp else args.clipping,
             "clip_groups": None if args.no_dp or args.head_clip_share is None else {
-                "head": {"share": args.head_clip_share,
-                         "l2_norm_clip": args.l2_norm_clip * math.sqrt(args.head_clip_share)},
-                "rest": {"share": 1.0 - args.head_clip_share,
-                         "l2_norm_clip": args.l2_norm_clip * math.sqrt(1.0 - args.head_clip_share)},
+                name: {"share": share, "l2_norm_clip": args.l2_norm_clip * math.sqrt(share)}
+                for name, share in (("head", args.head_clip_share), ("rest", 1.0 - args.head_clip_share))
             },
             "physical_batch_size": args.physical_batch_size,
         },

@@ -122,14 +122,14 @@ def group_clips(l2_norm_clip, shares: Sequence[float]) -> list:
     return [l2_norm_clip * math.sqrt(s) for s in shares]
 
 
-def clip_factors_by_variable(
+def clip_factors_by_group(
     sq_norms: Sequence[Tuple[int, tf.Tensor]],
     num_variables: int,
     num_records,
     l2_norm_clip,
     groups: Optional[ClipGroups] = None,
-) -> Tuple[tf.Tensor, list]:
-    """Per-record clip factors for each variable, global or group-wise.
+) -> Tuple[tf.Tensor, list, Tuple[int, ...]]:
+    """Per-record clip factors of each clip group (global clipping: one group).
 
     Args:
       sq_norms: ``(variable index, [R] squared norms)`` terms; a variable may
@@ -140,26 +140,23 @@ def clip_factors_by_variable(
       groups: None (one global clip) or a validated :class:`ClipGroups`.
 
     Returns:
-      ``(norms, factors)``: the global pre-clip norms ``[R]`` and, per
-      variable, the ``[R]`` factors to scale its per-record gradients by
-      (stop-gradient'ed).
+      ``(norms, factors, assignment)``: the global pre-clip norms ``[R]``; per
+      group, the ``[R]`` factors (stop-gradient'ed) to scale its variables'
+      per-record gradients by; and the group index of each variable.
     """
-    zeros = tf.zeros([num_records], tf.float32)
     if groups is None:
-        total = tf.add_n([t for _, t in sq_norms]) if sq_norms else zeros
-        norms = tf.sqrt(total)
-        f = tf.stop_gradient(clip_factors(norms, l2_norm_clip))
-        return norms, [f] * num_variables
+        groups = ClipGroups((0,) * num_variables, (1.0,))
+    zeros = tf.zeros([num_records], tf.float32)
     per_group = [[] for _ in groups.shares]
     for i, t in sq_norms:
         per_group[groups.assignment[i]].append(t)
     group_sq = [tf.add_n(ts) if ts else zeros for ts in per_group]
     norms = tf.sqrt(tf.add_n(group_sq))
-    fs = [
+    factors = [
         tf.stop_gradient(clip_factors(tf.sqrt(sq), c))
         for sq, c in zip(group_sq, group_clips(l2_norm_clip, groups.shares))
     ]
-    return norms, [fs[groups.assignment[i]] for i in range(num_variables)]
+    return norms, factors, groups.assignment
 
 
 ClippingFn = Callable[..., ClippedGradients]
@@ -251,10 +248,10 @@ def clip_and_sum(
     """Clips each record's gradient (global or group-wise norm) and sums."""
     grads = [tf.cast(g, tf.float32) for g in per_record_grads]
     num_records = tf.shape(grads[0])[0]
-    norms, factors = clip_factors_by_variable(
+    norms, factors, assignment = clip_factors_by_group(
         [(i, _sq_norms(g)) for i, g in enumerate(grads)], len(grads), num_records,
         l2_norm_clip, groups)
-    grad_sum = [tf.tensordot(f, g, axes=[[0], [0]]) for f, g in zip(factors, grads)]
+    grad_sum = [tf.tensordot(factors[a], g, axes=[[0], [0]]) for a, g in zip(assignment, grads)]
     return ClippedGradients(grad_sum, norms, tf.shape(norms)[0])
 
 
@@ -286,10 +283,10 @@ def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, num_microba
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         g = [tf.cast(tf.convert_to_tensor(x), tf.float32) for x in g]
-        norms, factors = clip_factors_by_variable(
+        norms, factors, assignment = clip_factors_by_group(
             [(j, tf.reshape(tf.reduce_sum(tf.square(x)), [1])) for j, x in enumerate(g)],
             len(g), 1, l2_norm_clip, groups)
-        acc = [a + f[0] * x for a, f, x in zip(acc, factors, g)]
+        acc = [a + factors[grp][0] * x for a, grp, x in zip(acc, assignment, g)]
         return i + 1, acc, ta.write(i, norms[0])
 
     _, acc, norms_ta = tf.while_loop(

@@ -379,7 +379,7 @@ def ghost_clipped_gradients(
         sq_terms.extend((i, _sq(j)) for i, j in zip(fallback, jac))
 
     num_records = tf.shape(records)[0]
-    norms, var_factors = clipping.clip_factors_by_variable(
+    norms, factors, assignment = clipping.clip_factors_by_group(
         sq_terms, len(variables), num_records, l2_norm_clip, groups)
 
     grad_sum: List[Optional[tf.Tensor]] = [None] * len(variables)
@@ -388,38 +388,36 @@ def ghost_clipped_gradients(
         value = tf.reshape(tf.cast(value, tf.float32), tf_vars[i].shape)
         grad_sum[i] = value if grad_sum[i] is None else grad_sum[i] + value
 
+    scaled = [f / k_float for f in factors]  # per group: factor / examples per record
     if two_pass:
-        # One re-weighted backward pass per distinct factor vector (one per
-        # clip group; a single pass under global clipping), each restricted
-        # to the taps of its group.
-        passes: Dict[int, List[int]] = {}
+        # One re-weighted backward pass per clip group (a single pass under
+        # global clipping), each restricted to the taps of its group.
+        members: Dict[int, List[int]] = {}
         for n, tap in enumerate(taps):
-            passes.setdefault(id(var_factors[tap.var_index]), []).append(n)
-        for members in passes.values():
-            weights = var_factors[taps[members[0]].var_index] / k_float
-            if k > 1:
-                weights = tf.repeat(weights, k)
+            members.setdefault(assignment[tap.var_index], []).append(n)
+        for grp, ns in members.items():
+            weights = tf.repeat(scaled[grp], k) if k > 1 else scaled[grp]
             with tape:
                 weighted = tf.reduce_sum(losses * weights)
-            sources = [taps[n].weight_read for n in members]
             grads = tape.gradient(
-                weighted, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            for n, gr in zip(members, grads):
+                weighted, [taps[n].weight_read for n in ns],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            for n, gr in zip(ns, grads):
                 add(taps[n].var_index, tf.convert_to_tensor(gr))
     else:
         for tap, g, plan in zip(taps, out_grads, plans):
-            scaled = var_factors[tap.var_index] / k_float
+            sc = scaled[assignment[tap.var_index]]
             if isinstance(tap, EinsumTap):
                 p, pe = plan
-                add(tap.var_index, p.weighted_sum(g, scaled, pe))
+                add(tap.var_index, p.weighted_sum(g, sc, pe))
             elif isinstance(tap, GatherTap):
-                add(tap.var_index, _gather_weighted_sum(tap, g, scaled, k))
+                add(tap.var_index, _gather_weighted_sum(tap, g, sc, k))
             else:
-                add(tap.var_index, tap.expand(tf.tensordot(scaled, plan, axes=[[0], [0]])))
+                add(tap.var_index, tap.expand(tf.tensordot(sc, plan, axes=[[0], [0]])))
     # Fallback variables: the clipped sum of their jacobian rows (the records
     # already include the 1/k of a microbatch mean).
     for i, j in zip(fallback, jac):
-        add(i, tf.tensordot(var_factors[i], j, axes=[[0], [0]]))
+        add(i, tf.tensordot(factors[assignment[i]], j, axes=[[0], [0]]))
     del tape
 
     result = [

@@ -111,7 +111,7 @@ class PrivacyConfig:
         return dataclasses.asdict(self)
 
 
-def check_clip_groups(clip_groups) -> Optional[Tuple[Tuple[str, float], ...]]:
+def check_clip_group_spec(clip_groups) -> Optional[Tuple[Tuple[str, float], ...]]:
     """Validates ``clip_groups`` (see :class:`PrivacyConfig`); None passes."""
     if clip_groups is None:
         return None
@@ -303,7 +303,7 @@ def resolve_privacy_config(
             "offers NO privacy. Use only for tests.",
             stacklevel=3,
         )
-    groups = check_clip_groups(clip_groups)
+    groups = check_clip_group_spec(clip_groups)
     if groups is not None and target_unclipped_quantile is not None:
         raise ValueError(
             "clip_groups (group-wise clipping) cannot be combined with "

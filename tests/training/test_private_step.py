@@ -37,6 +37,11 @@ def _functional(seed=0):
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def _layer_pattern(model, i):
+    """Regex matching exactly the variables of ``model.layers[i]``."""
+    return "^" + model.layers[i].kernel.path.rsplit("/", 1)[0] + "/"
+
+
 def _weights(m):
     return [w.numpy().copy() for w in m.trainable_weights]
 
@@ -106,8 +111,7 @@ def test_clip_groups_update_equals_group_clipped_reference(physical):
     x, y = _data(6)
     m = _sequential()
     variables = m.trainable_variables
-    paths = [v.path for v in variables]
-    head = "^" + paths[2].rsplit("/", 1)[0] + "/"  # the second Dense layer
+    head = _layer_pattern(m, 1)  # the second Dense layer
     before = _weights(m)
     grads = per_example.per_example_gradients(
         lambda: keras.losses.sparse_categorical_crossentropy(y, m(x), from_logits=True), variables)
@@ -143,10 +147,8 @@ def test_unusable_clip_groups_fail_before_any_update(groups, needle):
 def test_all_variables_matched_with_shares_summing_to_one_is_fine():
     x, y = _data(6)
     m = _sequential()
-    paths = [v.path for v in m.trainable_variables]
-    first = "^" + paths[0].rsplit("/", 1)[0] + "/"
     m.compile(EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=0.0, batch_size=6,
-                        clip_groups=[(first, 0.5), (".*", 0.5)]), LOSS)
+                        clip_groups=[(_layer_pattern(m, 0), 0.5), (".*", 0.5)]), LOSS)
     make_private(m)
     m.train_on_batch(x, y)
     assert int(m.optimizer.dp_steps.numpy()) == 1
@@ -155,10 +157,8 @@ def test_all_variables_matched_with_shares_summing_to_one_is_fine():
 def test_unmatched_variables_without_a_share_fail():
     x, y = _data(6)
     m = _sequential()
-    paths = [v.path for v in m.trainable_variables]
-    first = "^" + paths[0].rsplit("/", 1)[0] + "/"
     m.compile(EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=6,
-                        clip_groups=[(first, 1.0)]), LOSS)
+                        clip_groups=[(_layer_pattern(m, 0), 1.0)]), LOSS)
     make_private(m)
     with pytest.raises(ValueError, match="match no pattern"):
         m.train_on_batch(x, y)
