@@ -21,7 +21,7 @@ export TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-tfx train test test-tfx bench lock lock-tfx clean
+.PHONY: install install-tfx train test test-tfx lint format bench lock lock-tfx clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,16 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_FLAGS)
+
+# One style everywhere (ruff.toml): the formatter must leave the tree unchanged
+# and the linter must pass. `make format` applies both.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test-tfx: install-tfx
 	$(VENV_TFX)/bin/python -m pytest -q tests/tfx tests/nlp/test_hf_compat.py tests/nlp/test_classifier.py tests/mechanism/test_clipping.py tests/training/test_private_step.py $(PYTEST_FLAGS)

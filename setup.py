@@ -54,7 +54,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis"],
+        "dev": ["pytest", "hypothesis", "ruff"],
         "tfx": ["tfx==1.16.0"],
         # Only for comparisons in benchmarks/ (not needed by the library).
         "bench": ["psutil"],

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ewtune_tf import audit  # noqa: E402
+from ewtune_tf import audit
 
 QUICK = dict(sigmas=(2.0,), trials=200_000, canaries=2000, guesses=400, steps=(1,))
 FULL = dict(sigmas=(1.0, 2.0, 4.0), trials=1_000_000, canaries=10_000, guesses=1000, steps=(1, 4))
@@ -41,13 +41,29 @@ def run(settings: dict, delta: float, confidence: float, seed: int) -> list:
     results = []
     for sigma in settings["sigmas"]:
         for mech in audit.MECHANISMS:
-            results.append(audit.audit_mechanism(
-                mech, noise_multiplier=sigma, delta=delta, trials=settings["trials"],
-                confidence=confidence, seed=seed))
+            results.append(
+                audit.audit_mechanism(
+                    mech,
+                    noise_multiplier=sigma,
+                    delta=delta,
+                    trials=settings["trials"],
+                    confidence=confidence,
+                    seed=seed,
+                )
+            )
             for steps in settings["steps"]:
-                results.append(audit.one_run_audit(
-                    mech, noise_multiplier=sigma, delta=delta, num_canaries=settings["canaries"],
-                    num_guesses=settings["guesses"], steps=steps, confidence=confidence, seed=seed))
+                results.append(
+                    audit.one_run_audit(
+                        mech,
+                        noise_multiplier=sigma,
+                        delta=delta,
+                        num_canaries=settings["canaries"],
+                        num_guesses=settings["guesses"],
+                        steps=steps,
+                        confidence=confidence,
+                        seed=seed,
+                    )
+                )
     return results
 
 
@@ -116,8 +132,10 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
-    print(f"total {payload['seconds']:.1f}s; correct never exceeds certified: {correct_ok}; "
-          f"broken caught: {broken_caught}")
+    print(
+        f"total {payload['seconds']:.1f}s; correct never exceeds certified: {correct_ok}; "
+        f"broken caught: {broken_caught}"
+    )
     return 0 if (correct_ok and broken_caught) else 1
 
 

@@ -84,9 +84,7 @@ def _worker(setting: str, impl: str, batch: int, seq: int, steps: int) -> Dict:
     from ewtune_tf.mechanism import clipping
 
     keras.utils.set_random_seed(0)
-    model = keras_hub.models.BertTextClassifier.from_preset(
-        minilm_dir(), num_classes=2, preprocessor=None
-    )
+    model = keras_hub.models.BertTextClassifier.from_preset(minilm_dir(), num_classes=2, preprocessor=None)
     if setting == "lora":
         model.backbone.enable_lora(rank=8)
     variables = list(model.trainable_variables)
@@ -126,10 +124,7 @@ def _worker(setting: str, impl: str, batch: int, seq: int, steps: int) -> Dict:
     @tf.function(jit_compile=False)
     def dp_step(xb, yb):
         res = fn(model, lambda: per_example_loss(xb, yb), variables, l2_norm_clip, nmb)
-        grads = [
-            (g + tf.random.normal(tf.shape(g), stddev=sigma * l2_norm_clip)) / denom
-            for g in res.grad_sum
-        ]
+        grads = [(g + tf.random.normal(tf.shape(g), stddev=sigma * l2_norm_clip)) / denom for g in res.grad_sum]
         optimizer.apply(grads, variables)
         return tf.reduce_mean(res.norms)
 
@@ -236,9 +231,7 @@ def run(args) -> Dict[str, Dict]:
             # Upper bound: the DP worker's process peak also covers its
             # non-private phase.
             "peak_memory_ratio": (ref["peak_rss_mb"] / ref["nonprivate_peak_rss_mb"]) if ref else None,
-            "peak_memory_ratios": {
-                i: r["peak_rss_mb"] / r["nonprivate_peak_rss_mb"] for i, r in ok.items()
-            },
+            "peak_memory_ratios": {i: r["peak_rss_mb"] / r["nonprivate_peak_rss_mb"] for i, r in ok.items()},
             "trainable_params": ref.get("trainable_params"),
             "steps_timed": steps,
             "raw": raw,
@@ -258,7 +251,11 @@ def _fmt(r: Dict) -> str:
 
 def print_table(results: Dict[str, Dict]) -> None:
     impls = sorted({i for r in results.values() for i in r["dp_seconds"]})
-    head = f"{'setting':<14}{'nonprivate':>12}" + "".join(f"{i:>22}" for i in impls) + f"{'default':>16}{'ratio':>8}{'mem ratio':>10}"
+    head = (
+        f"{'setting':<14}{'nonprivate':>12}"
+        + "".join(f"{i:>22}" for i in impls)
+        + f"{'default':>16}{'ratio':>8}{'mem ratio':>10}"
+    )
     print(head)
     print("-" * len(head))
     for key, r in results.items():

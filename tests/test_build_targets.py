@@ -33,9 +33,7 @@ def _rules(build_file: pathlib.Path):
                 # Only srcs/deps matter here; other attributes (data = glob(...))
                 # may be non-literal Starlark.
                 kwargs = {
-                    kw.arg: ast.literal_eval(kw.value)
-                    for kw in node.keywords
-                    if kw.arg in ("name", "srcs", "deps")
+                    kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg in ("name", "srcs", "deps")
                 }
                 yield node.func.id, kwargs
 

@@ -37,14 +37,10 @@ def test_readme_example_trains_privately(tmp_path):
         example = example.replace(old, new)
     script = (
         "from ewtune_tf.nlp.models import save_tiny_bert_preset\n"
-        f"save_tiny_bert_preset({str(preset)!r}, max_sequence_length=32)\n"
-        + example
-        + "\nopt = clf.optimizer\n"
+        f"save_tiny_bert_preset({str(preset)!r}, max_sequence_length=32)\n" + example + "\nopt = clf.optimizer\n"
         "print('STEPS', int(opt.dp_steps.numpy()))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     steps = int(re.search(r"STEPS (\d+)", result.stdout).group(1))
     assert steps >= 1

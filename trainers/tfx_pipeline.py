@@ -35,8 +35,7 @@ def write_sst2_sample_csv(glue_dir: str, out_dir: str, sample_size: int, seed: i
     """Writes a random sample of SST-2 train.tsv as CSV (sentence,label) for CsvExampleGen."""
     src = os.path.join(glue_dir, "SST-2", "train.tsv")
     if not os.path.exists(src):
-        raise ValueError(f"--glue_dir: {src} not found (expected a GLUE-layout directory "
-                         "containing SST-2/train.tsv)")
+        raise ValueError(f"--glue_dir: {src} not found (expected a GLUE-layout directory containing SST-2/train.tsv)")
     if sample_size < 2:
         raise ValueError(f"--sample_size must be >= 2, got {sample_size}")
     rows: List[List[str]] = []
@@ -59,9 +58,17 @@ def write_sst2_sample_csv(glue_dir: str, out_dir: str, sample_size: int, seed: i
     return path
 
 
-def create_pipeline(*, data_dir: str, pipeline_root: str, metadata_path: str, serving_dir: str,
-                    epsilon_budget: float, custom_config: Dict[str, Any],
-                    use_module_file: bool = False, enable_cache: bool = False):
+def create_pipeline(
+    *,
+    data_dir: str,
+    pipeline_root: str,
+    metadata_path: str,
+    serving_dir: str,
+    epsilon_budget: float,
+    custom_config: Dict[str, Any],
+    use_module_file: bool = False,
+    enable_cache: bool = False,
+):
     """Builds the TFX pipeline object (nothing runs here)."""
     from tfx import v1 as tfx
 
@@ -75,29 +82,33 @@ def create_pipeline(*, data_dir: str, pipeline_root: str, metadata_path: str, se
 
     example_gen = tfx.components.CsvExampleGen(input_base=data_dir)
     trainer_kwargs: Dict[str, Any] = (
-        {"module_file": os.path.abspath(trainer_module.__file__)} if use_module_file
-        else {"run_fn": "ewtune_tf.tfx.trainer_module.run_fn"})
+        {"module_file": os.path.abspath(trainer_module.__file__)}
+        if use_module_file
+        else {"run_fn": "ewtune_tf.tfx.trainer_module.run_fn"}
+    )
     trainer = tfx.components.Trainer(
         examples=example_gen.outputs["examples"],
         train_args=tfx.proto.TrainArgs(splits=["train"]),
         eval_args=tfx.proto.EvalArgs(splits=["eval"]),
         custom_config=custom_config,
-        **trainer_kwargs)
+        **trainer_kwargs,
+    )
     report = PrivacyReportGen(model=trainer.outputs["model"])
-    gate = PrivacyGate(privacy_report=report.outputs["privacy_report"],
-                       epsilon_budget=float(epsilon_budget))
+    gate = PrivacyGate(privacy_report=report.outputs["privacy_report"], epsilon_budget=float(epsilon_budget))
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],
         model_blessing=gate.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
-            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)))
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)
+        ),
+    )
     return tfx.dsl.Pipeline(
         pipeline_name=PIPELINE_NAME,
         pipeline_root=pipeline_root,
         components=[example_gen, trainer, report, gate, pusher],
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
-            metadata_path),
-        enable_cache=enable_cache)
+        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path),
+        enable_cache=enable_cache,
+    )
 
 
 def run_pipeline(pipeline) -> None:
@@ -123,8 +134,7 @@ def read_outcome(metadata_path: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     report = latest("EWTunePrivacyReport")
     if report is not None:
-        out["privacy_report"] = {k: getattr(v, v.WhichOneof("value"))
-                                 for k, v in report.properties.items()}
+        out["privacy_report"] = {k: getattr(v, v.WhichOneof("value")) for k, v in report.properties.items()}
     blessing = latest("ModelBlessing")
     if blessing is not None:
         out["blessed"] = bool(blessing.custom_properties["blessed"].int_value)
@@ -139,13 +149,20 @@ def read_outcome(metadata_path: str) -> Dict[str, Any]:
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--glue_dir", default=os.environ.get("EWTUNE_GLUE_DIR", "../shared/data/glue"),
-                   help="GLUE-layout directory with SST-2/train.tsv")
+    p.add_argument(
+        "--glue_dir",
+        default=os.environ.get("EWTUNE_GLUE_DIR", "../shared/data/glue"),
+        help="GLUE-layout directory with SST-2/train.tsv",
+    )
     p.add_argument("--sample_size", type=int, default=2000, help="SST-2 examples to use")
     p.add_argument("--epsilon", type=float, default=8.0, help="target certified epsilon")
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--epsilon_budget", type=float, default=None,
-                   help="gate: push only if certified epsilon <= this (default: --epsilon)")
+    p.add_argument(
+        "--epsilon_budget",
+        type=float,
+        default=None,
+        help="gate: push only if certified epsilon <= this (default: --epsilon)",
+    )
     p.add_argument("--model", default="minilm", help="preset name, preset/HF dir, or 'minilm'")
     p.add_argument("--sequence_length", type=int, default=64)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -155,15 +172,22 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--l2_norm_clip", type=float, default=1.0)
     p.add_argument("--lora_rank", type=int, default=0)
     p.add_argument("--max_steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None,
-                   help="fix sampling/noise/init RNGs (tests only; default: secret OS entropy)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="fix sampling/noise/init RNGs (tests only; default: secret OS entropy)"
+    )
     p.add_argument("--sample_seed", type=int, default=0, help="which SST-2 examples are sampled")
     p.add_argument("--pipeline_root", default=None, help="default: a new temporary directory")
     p.add_argument("--metadata_path", default=None, help="SQLite file (default: in pipeline_root)")
-    p.add_argument("--serving_dir", default=os.path.join("saved_models", "sst2_tfx"),
-                   help="Pusher base directory; versions land in <serving_dir>/<unix time>/")
-    p.add_argument("--use_module_file", action="store_true",
-                   help="hand the Trainer module_file= instead of run_fn= (packages a wheel)")
+    p.add_argument(
+        "--serving_dir",
+        default=os.path.join("saved_models", "sst2_tfx"),
+        help="Pusher base directory; versions land in <serving_dir>/<unix time>/",
+    )
+    p.add_argument(
+        "--use_module_file",
+        action="store_true",
+        help="hand the Trainer module_file= instead of run_fn= (packages a wheel)",
+    )
     p.add_argument("--enable_cache", action="store_true")
     return p.parse_args(argv)
 
@@ -174,20 +198,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     metadata_path = args.metadata_path or os.path.join(pipeline_root, "metadata.sqlite")
     data_dir = os.path.join(pipeline_root, "data")
     custom_config = {
-        "epsilon": args.epsilon, "delta": args.delta, "model": args.model,
-        "sequence_length": args.sequence_length, "epochs": args.epochs,
-        "batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size,
-        "learning_rate": args.learning_rate, "l2_norm_clip": args.l2_norm_clip,
-        "lora_rank": args.lora_rank, "max_steps": args.max_steps, "seed": args.seed,
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "model": args.model,
+        "sequence_length": args.sequence_length,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "physical_batch_size": args.physical_batch_size,
+        "learning_rate": args.learning_rate,
+        "l2_norm_clip": args.l2_norm_clip,
+        "lora_rank": args.lora_rank,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
         "model_name": os.path.basename(os.path.normpath(args.serving_dir)),
     }
     write_sst2_sample_csv(args.glue_dir, data_dir, args.sample_size, seed=args.sample_seed)
     pipeline = create_pipeline(
-        data_dir=data_dir, pipeline_root=pipeline_root, metadata_path=metadata_path,
+        data_dir=data_dir,
+        pipeline_root=pipeline_root,
+        metadata_path=metadata_path,
         serving_dir=os.path.abspath(args.serving_dir),
         epsilon_budget=args.epsilon if args.epsilon_budget is None else args.epsilon_budget,
-        custom_config=custom_config, use_module_file=args.use_module_file,
-        enable_cache=args.enable_cache)
+        custom_config=custom_config,
+        use_module_file=args.use_module_file,
+        enable_cache=args.enable_cache,
+    )
     run_pipeline(pipeline)
     outcome = read_outcome(metadata_path)
     outcome.update(pipeline_root=pipeline_root, metadata_path=metadata_path)

@@ -12,13 +12,12 @@ Every epsilon reported with certify=True (the default) is a proven upper bound
 """
 
 from ewtune_tf.accounting.accountant import EdgeworthAccountant
-from ewtune_tf.accounting.api import DeltaResult
-from ewtune_tf.accounting.api import EpsilonResult
-from ewtune_tf.accounting.api import compute_delta
-from ewtune_tf.accounting.api import compute_epsilon
-from ewtune_tf.accounting.calibration import CalibrationResult
-from ewtune_tf.accounting.calibration import calibrate_noise_multiplier
-from ewtune_tf.accounting.calibration import steps_and_sampling_probability
+from ewtune_tf.accounting.api import DeltaResult, EpsilonResult, compute_delta, compute_epsilon
+from ewtune_tf.accounting.calibration import (
+    CalibrationResult,
+    calibrate_noise_multiplier,
+    steps_and_sampling_probability,
+)
 from ewtune_tf.accounting.edgeworth import ExpansionInvalidError
 from ewtune_tf.accounting.tilted import TiltedInvalidError
 

@@ -31,9 +31,7 @@ from typing import Optional, Sequence, Tuple
 
 from ewtune_tf.accounting import _validation as v
 from ewtune_tf.accounting import certify as certify_lib
-from ewtune_tf.accounting import edgeworth
-from ewtune_tf.accounting import pllr
-from ewtune_tf.accounting import tilted
+from ewtune_tf.accounting import edgeworth, pllr, tilted
 
 FALLBACK_FLAG = "expansion_invalid_fell_back_to_pld"
 ADD_TILTED_FLAG = "add_direction_tilted"
@@ -51,260 +49,285 @@ _MAX_LAMBDA4 = 1.2
 
 @dataclasses.dataclass(frozen=True)
 class EpsilonResult:
-  """Epsilon for a target delta, with provenance.
+    """Epsilon for a target delta, with provenance.
 
-  Attributes:
-    epsilon: the number to report; a proven upper bound iff `certified`.
-    delta: the target delta.
-    certified: True iff `epsilon` is a proven upper bound.
-    method: the method that produced `epsilon`.
-    estimate: the analytic (Edgeworth / tilted) point estimate, or the PLD
-      value when the expansion could not vouch for itself.
-    estimate_method: "tilted", "edgeworth_order{k}" or "pld".
-    bound: the certified PLD upper bound, when computed.
-    bound_method: e.g. "pld_pessimistic(interval=1.2e-04)".
-    seconds: wall time of the whole computation.
-    flags: diagnostics, e.g. ("expansion_invalid_fell_back_to_pld",).
-  """
-  epsilon: float
-  delta: float
-  certified: bool
-  method: str
-  estimate: float
-  estimate_method: str
-  bound: Optional[float]
-  bound_method: Optional[str]
-  seconds: float
-  flags: Tuple[str, ...] = ()
+    Attributes:
+      epsilon: the number to report; a proven upper bound iff `certified`.
+      delta: the target delta.
+      certified: True iff `epsilon` is a proven upper bound.
+      method: the method that produced `epsilon`.
+      estimate: the analytic (Edgeworth / tilted) point estimate, or the PLD
+        value when the expansion could not vouch for itself.
+      estimate_method: "tilted", "edgeworth_order{k}" or "pld".
+      bound: the certified PLD upper bound, when computed.
+      bound_method: e.g. "pld_pessimistic(interval=1.2e-04)".
+      seconds: wall time of the whole computation.
+      flags: diagnostics, e.g. ("expansion_invalid_fell_back_to_pld",).
+    """
 
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["flags"] = list(self.flags)
-    return d
+    epsilon: float
+    delta: float
+    certified: bool
+    method: str
+    estimate: float
+    estimate_method: str
+    bound: Optional[float]
+    bound_method: Optional[str]
+    seconds: float
+    flags: Tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["flags"] = list(self.flags)
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
 class DeltaResult:
-  """Delta for a target epsilon, with provenance (fields as EpsilonResult)."""
-  delta: float
-  epsilon: float
-  certified: bool
-  method: str
-  estimate: float
-  estimate_method: str
-  bound: Optional[float]
-  bound_method: Optional[str]
-  seconds: float
-  flags: Tuple[str, ...] = ()
+    """Delta for a target epsilon, with provenance (fields as EpsilonResult)."""
 
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["flags"] = list(self.flags)
-    return d
+    delta: float
+    epsilon: float
+    certified: bool
+    method: str
+    estimate: float
+    estimate_method: str
+    bound: Optional[float]
+    bound_method: Optional[str]
+    seconds: float
+    flags: Tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["flags"] = list(self.flags)
+        return d
 
 
 def _method_label(method: str, order: int) -> str:
-  return "tilted" if method == "tilted" else f"edgeworth_order{order}"
+    return "tilted" if method == "tilted" else f"edgeworth_order{order}"
 
 
 def _tilted_trusted(eps_lo: float, eps_hi: float, diag) -> bool:
-  scale = max(abs(eps_hi), 1e-3)
-  if abs(eps_hi - eps_lo) / scale > _MAX_ORDER_DISAGREEMENT:
-    return False
-  if abs(diag.lambda3) > _MAX_LAMBDA3 or abs(diag.lambda4) > _MAX_LAMBDA4:
-    return False
-  return True
+    scale = max(abs(eps_hi), 1e-3)
+    if abs(eps_hi - eps_lo) / scale > _MAX_ORDER_DISAGREEMENT:
+        return False
+    if abs(diag.lambda3) > _MAX_LAMBDA3 or abs(diag.lambda4) > _MAX_LAMBDA4:
+        return False
+    return True
 
 
 def _tilted_epsilon(components, delta: float, order: int, direction: str):
-  """Tilted eps for one direction, or None if it cannot vouch for itself.
+    """Tilted eps for one direction, or None if it cannot vouch for itself.
 
-  Self-check: the other order's delta at the same saddlepoint, converted to an
-  eps shift with the local slope |d log(delta)/d eps| (t - 1 for remove, -t for
-  add, to leading saddlepoint order). One extra CGF evaluation, not a solve.
-  """
-  try:
-    eps, diag = tilted.epsilon_from_delta(components, delta, order, direction)
-    other = 1 if order >= 2 else 2
-    centre = edgeworth.summed_cumulants(components)
-    _, d_other, _ = tilted._delta_at_tilt(components, diag.t, direction, other,
-                                          centre)
-  except (tilted.TiltedInvalidError, ValueError, ZeroDivisionError,
-          OverflowError, FloatingPointError):
-    return None
-  if eps == 0.0:
-    return 0.0
-  if not math.isfinite(eps) or not d_other > 0:
-    return None
-  slope = (diag.t - 1.0) if direction == "remove" else -diag.t
-  if not slope > 1e-3:
-    return None
-  eps_other = eps + math.log(d_other / delta) / slope
-  if not _tilted_trusted(eps_other, eps, diag):
-    return None
-  return eps
-
-
-def estimate_epsilon(components: Sequence[pllr.Component], delta: float,
-                     method: str = "tilted", order: int = 2):
-  """(estimate or None, flags). None means: the expansion cannot vouch."""
-  flags = []
-  if method == "tilted":
-    rem = _tilted_epsilon(components, delta, order, "remove")
-  else:
+    Self-check: the other order's delta at the same saddlepoint, converted to an
+    eps shift with the local slope |d log(delta)/d eps| (t - 1 for remove, -t for
+    add, to leading saddlepoint order). One extra CGF evaluation, not a solve.
+    """
     try:
-      rem = edgeworth.epsilon_from_delta(components, delta, order,
-                                         directions=("remove",))
-    except edgeworth.ExpansionInvalidError:
-      rem = None
-  add = _tilted_epsilon(components, delta, max(order, 2), "add")
-  if method == "edgeworth":
-    flags.append(ADD_TILTED_FLAG)
-  if rem is None or add is None:
-    return None, tuple(flags)
-  return max(rem, add), tuple(flags)
+        eps, diag = tilted.epsilon_from_delta(components, delta, order, direction)
+        other = 1 if order >= 2 else 2
+        centre = edgeworth.summed_cumulants(components)
+        _, d_other, _ = tilted._delta_at_tilt(components, diag.t, direction, other, centre)
+    except (tilted.TiltedInvalidError, ValueError, ZeroDivisionError, OverflowError, FloatingPointError):
+        return None
+    if eps == 0.0:
+        return 0.0
+    if not math.isfinite(eps) or not d_other > 0:
+        return None
+    slope = (diag.t - 1.0) if direction == "remove" else -diag.t
+    if not slope > 1e-3:
+        return None
+    eps_other = eps + math.log(d_other / delta) / slope
+    if not _tilted_trusted(eps_other, eps, diag):
+        return None
+    return eps
 
 
-def epsilon_for_components(components: Sequence[pllr.Component], delta: float,
-                           method: str = "tilted", order: int = 2,
-                           certify: bool = True,
-                           pld_interval: Optional[float] = None) -> EpsilonResult:
-  """compute_epsilon for a (possibly heterogeneous) composition."""
-  start = time.perf_counter()
-  est, flags = estimate_epsilon(components, delta, method, order)
-  flags = list(flags)
-  bound = bound_method = None
-  est_method = _method_label(method, order)
-  if est is None:
-    # The expansion cannot vouch for itself: a fine pessimistic PLD is both the
-    # estimate and (being pessimistic) a certified bound.
-    flags.append(FALLBACK_FLAG)
-    b = certify_lib.epsilon_upper_bound(components, delta, interval=pld_interval)
-    est, est_method = b.value, "pld"
-    bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
-  elif certify:
-    b = certify_lib.epsilon_upper_bound(components, delta, reference=est,
-                                        interval=pld_interval)
-    bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
-  if bound is not None and (certify or est_method == "pld"):
-    if bound >= est:
-      eps, method_used = bound, bound_method
-    else:
-      eps, method_used = est, est_method
-    certified = True
-  else:
-    eps, method_used, certified = est, est_method, False
-  return EpsilonResult(
-      epsilon=float(eps), delta=float(delta), certified=certified,
-      method=method_used, estimate=float(est), estimate_method=est_method,
-      bound=None if bound is None else float(bound), bound_method=bound_method,
-      seconds=time.perf_counter() - start, flags=tuple(flags))
-
-
-def estimate_delta(components: Sequence[pllr.Component], epsilon: float,
-                   method: str = "tilted", order: int = 2):
-  """(estimate or None, flags) of delta(eps), max over both directions."""
-  flags = []
-  try:
-    add, add_diag = tilted.delta_from_epsilon(components, epsilon, max(order, 2), "add")
-    if add > 0 and (abs(add_diag.lambda3) > _MAX_LAMBDA3
-                    or abs(add_diag.lambda4) > _MAX_LAMBDA4):
-      return None, tuple(flags)
+def estimate_epsilon(components: Sequence[pllr.Component], delta: float, method: str = "tilted", order: int = 2):
+    """(estimate or None, flags). None means: the expansion cannot vouch."""
+    flags = []
     if method == "tilted":
-      rem, diag = tilted.delta_from_epsilon(components, epsilon, order, "remove")
-      other = 1 if order >= 2 else 2
-      rem_other, _ = tilted.delta_from_epsilon(components, epsilon, other, "remove")
-      # Compare the two orders on the eps scale: d eps ~ d log(delta) / (t - 1).
-      t = max(abs(diag.t - 1.0), 1e-3)
-      ok = rem > 0 and rem_other > 0 and _tilted_trusted(
-          epsilon + math.log(rem_other / rem) / t, epsilon, diag)
-      if not ok:
+        rem = _tilted_epsilon(components, delta, order, "remove")
+    else:
+        try:
+            rem = edgeworth.epsilon_from_delta(components, delta, order, directions=("remove",))
+        except edgeworth.ExpansionInvalidError:
+            rem = None
+    add = _tilted_epsilon(components, delta, max(order, 2), "add")
+    if method == "edgeworth":
+        flags.append(ADD_TILTED_FLAG)
+    if rem is None or add is None:
         return None, tuple(flags)
+    return max(rem, add), tuple(flags)
+
+
+def epsilon_for_components(
+    components: Sequence[pllr.Component],
+    delta: float,
+    method: str = "tilted",
+    order: int = 2,
+    certify: bool = True,
+    pld_interval: Optional[float] = None,
+) -> EpsilonResult:
+    """compute_epsilon for a (possibly heterogeneous) composition."""
+    start = time.perf_counter()
+    est, flags = estimate_epsilon(components, delta, method, order)
+    flags = list(flags)
+    bound = bound_method = None
+    est_method = _method_label(method, order)
+    if est is None:
+        # The expansion cannot vouch for itself: a fine pessimistic PLD is both the
+        # estimate and (being pessimistic) a certified bound.
+        flags.append(FALLBACK_FLAG)
+        b = certify_lib.epsilon_upper_bound(components, delta, interval=pld_interval)
+        est, est_method = b.value, "pld"
+        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
+    elif certify:
+        b = certify_lib.epsilon_upper_bound(components, delta, reference=est, interval=pld_interval)
+        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
+    if bound is not None and (certify or est_method == "pld"):
+        if bound >= est:
+            eps, method_used = bound, bound_method
+        else:
+            eps, method_used = est, est_method
+        certified = True
     else:
-      flags.append(ADD_TILTED_FLAG)
-      cum_p, cum_q = edgeworth.summed_cumulants(components)
-      rem = float(edgeworth.delta_hat(epsilon, cum_p, cum_q, order, "remove"))
-      # Validity of the expansion around eps: reuse the solver's checks.
-      edgeworth.epsilon_from_delta(components, max(rem, 1e-300), order,
-                                   directions=("remove",))
-  except (tilted.TiltedInvalidError, edgeworth.ExpansionInvalidError,
-          ValueError, ZeroDivisionError, OverflowError):
-    return None, tuple(flags)
-  if not (rem >= 0 and add >= 0):
-    return None, tuple(flags)
-  return min(1.0, max(rem, add)), tuple(flags)
+        eps, method_used, certified = est, est_method, False
+    return EpsilonResult(
+        epsilon=float(eps),
+        delta=float(delta),
+        certified=certified,
+        method=method_used,
+        estimate=float(est),
+        estimate_method=est_method,
+        bound=None if bound is None else float(bound),
+        bound_method=bound_method,
+        seconds=time.perf_counter() - start,
+        flags=tuple(flags),
+    )
 
 
-def delta_for_components(components: Sequence[pllr.Component], epsilon: float,
-                         method: str = "tilted", order: int = 2,
-                         certify: bool = True,
-                         pld_interval: Optional[float] = None) -> DeltaResult:
-  """compute_delta for a (possibly heterogeneous) composition."""
-  start = time.perf_counter()
-  est, flags = estimate_delta(components, epsilon, method, order)
-  flags = list(flags)
-  bound = bound_method = None
-  est_method = _method_label(method, order)
-  if est is None:
-    flags.append(FALLBACK_FLAG)
-    b = certify_lib.delta_upper_bound(components, epsilon, interval=pld_interval)
-    est, est_method = b.value, "pld"
-    bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
-  elif certify:
-    b = certify_lib.delta_upper_bound(components, epsilon, reference=est,
-                                      interval=pld_interval)
-    bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
-  if bound is not None and (certify or est_method == "pld"):
-    if bound >= est:
-      d, method_used = bound, bound_method
+def estimate_delta(components: Sequence[pllr.Component], epsilon: float, method: str = "tilted", order: int = 2):
+    """(estimate or None, flags) of delta(eps), max over both directions."""
+    flags = []
+    try:
+        add, add_diag = tilted.delta_from_epsilon(components, epsilon, max(order, 2), "add")
+        if add > 0 and (abs(add_diag.lambda3) > _MAX_LAMBDA3 or abs(add_diag.lambda4) > _MAX_LAMBDA4):
+            return None, tuple(flags)
+        if method == "tilted":
+            rem, diag = tilted.delta_from_epsilon(components, epsilon, order, "remove")
+            other = 1 if order >= 2 else 2
+            rem_other, _ = tilted.delta_from_epsilon(components, epsilon, other, "remove")
+            # Compare the two orders on the eps scale: d eps ~ d log(delta) / (t - 1).
+            t = max(abs(diag.t - 1.0), 1e-3)
+            ok = rem > 0 and rem_other > 0 and _tilted_trusted(epsilon + math.log(rem_other / rem) / t, epsilon, diag)
+            if not ok:
+                return None, tuple(flags)
+        else:
+            flags.append(ADD_TILTED_FLAG)
+            cum_p, cum_q = edgeworth.summed_cumulants(components)
+            rem = float(edgeworth.delta_hat(epsilon, cum_p, cum_q, order, "remove"))
+            # Validity of the expansion around eps: reuse the solver's checks.
+            edgeworth.epsilon_from_delta(components, max(rem, 1e-300), order, directions=("remove",))
+    except (tilted.TiltedInvalidError, edgeworth.ExpansionInvalidError, ValueError, ZeroDivisionError, OverflowError):
+        return None, tuple(flags)
+    if not (rem >= 0 and add >= 0):
+        return None, tuple(flags)
+    return min(1.0, max(rem, add)), tuple(flags)
+
+
+def delta_for_components(
+    components: Sequence[pllr.Component],
+    epsilon: float,
+    method: str = "tilted",
+    order: int = 2,
+    certify: bool = True,
+    pld_interval: Optional[float] = None,
+) -> DeltaResult:
+    """compute_delta for a (possibly heterogeneous) composition."""
+    start = time.perf_counter()
+    est, flags = estimate_delta(components, epsilon, method, order)
+    flags = list(flags)
+    bound = bound_method = None
+    est_method = _method_label(method, order)
+    if est is None:
+        flags.append(FALLBACK_FLAG)
+        b = certify_lib.delta_upper_bound(components, epsilon, interval=pld_interval)
+        est, est_method = b.value, "pld"
+        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
+    elif certify:
+        b = certify_lib.delta_upper_bound(components, epsilon, reference=est, interval=pld_interval)
+        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
+    if bound is not None and (certify or est_method == "pld"):
+        if bound >= est:
+            d, method_used = bound, bound_method
+        else:
+            d, method_used = est, est_method
+        certified = True
     else:
-      d, method_used = est, est_method
-    certified = True
-  else:
-    d, method_used, certified = est, est_method, False
-  return DeltaResult(
-      delta=float(d), epsilon=float(epsilon), certified=certified,
-      method=method_used, estimate=float(est), estimate_method=est_method,
-      bound=None if bound is None else float(bound), bound_method=bound_method,
-      seconds=time.perf_counter() - start, flags=tuple(flags))
+        d, method_used, certified = est, est_method, False
+    return DeltaResult(
+        delta=float(d),
+        epsilon=float(epsilon),
+        certified=certified,
+        method=method_used,
+        estimate=float(est),
+        estimate_method=est_method,
+        bound=None if bound is None else float(bound),
+        bound_method=bound_method,
+        seconds=time.perf_counter() - start,
+        flags=tuple(flags),
+    )
 
 
-def compute_epsilon(*, sampling_probability: float, noise_multiplier: float,
-                    steps: int, delta: float, method: str = "tilted",
-                    order: int = 2, certify: bool = True) -> EpsilonResult:
-  """Epsilon of `steps` Poisson-subsampled Gaussian steps at target `delta`.
+def compute_epsilon(
+    *,
+    sampling_probability: float,
+    noise_multiplier: float,
+    steps: int,
+    delta: float,
+    method: str = "tilted",
+    order: int = 2,
+    certify: bool = True,
+) -> EpsilonResult:
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps at target `delta`.
 
-  Args:
-    sampling_probability: Poisson sampling rate q in (0, 1] (= batch/N).
-    noise_multiplier: sigma > 0, noise std in units of the clipping norm.
-    steps: number of steps m >= 1.
-    delta: target delta in (0, 1).
-    method: "tilted" (saddlepoint, default) or "edgeworth".
-    order: expansion order in {1, 2, 3}.
-    certify: if True (default) the reported epsilon is a proven upper bound.
+    Args:
+      sampling_probability: Poisson sampling rate q in (0, 1] (= batch/N).
+      noise_multiplier: sigma > 0, noise std in units of the clipping norm.
+      steps: number of steps m >= 1.
+      delta: target delta in (0, 1).
+      method: "tilted" (saddlepoint, default) or "edgeworth".
+      order: expansion order in {1, 2, 3}.
+      certify: if True (default) the reported epsilon is a proven upper bound.
 
-  Returns:
-    EpsilonResult; add-or-remove adjacency (max over both directions).
-  """
-  q = v.check_sampling_probability(sampling_probability)
-  sigma = v.check_noise_multiplier(noise_multiplier)
-  m = v.check_steps(steps)
-  delta = v.check_delta(delta)
-  method = v.check_method(method)
-  order = v.check_order(order)
-  return epsilon_for_components(((q, sigma, m),), delta, method, order,
-                                bool(certify))
+    Returns:
+      EpsilonResult; add-or-remove adjacency (max over both directions).
+    """
+    q = v.check_sampling_probability(sampling_probability)
+    sigma = v.check_noise_multiplier(noise_multiplier)
+    m = v.check_steps(steps)
+    delta = v.check_delta(delta)
+    method = v.check_method(method)
+    order = v.check_order(order)
+    return epsilon_for_components(((q, sigma, m),), delta, method, order, bool(certify))
 
 
-def compute_delta(*, sampling_probability: float, noise_multiplier: float,
-                  steps: int, epsilon: float, method: str = "tilted",
-                  order: int = 2, certify: bool = True) -> DeltaResult:
-  """Delta of `steps` Poisson-subsampled Gaussian steps at `epsilon` (>= 0)."""
-  q = v.check_sampling_probability(sampling_probability)
-  sigma = v.check_noise_multiplier(noise_multiplier)
-  m = v.check_steps(steps)
-  epsilon = v.check_epsilon(epsilon)
-  method = v.check_method(method)
-  order = v.check_order(order)
-  return delta_for_components(((q, sigma, m),), epsilon, method, order,
-                              bool(certify))
+def compute_delta(
+    *,
+    sampling_probability: float,
+    noise_multiplier: float,
+    steps: int,
+    epsilon: float,
+    method: str = "tilted",
+    order: int = 2,
+    certify: bool = True,
+) -> DeltaResult:
+    """Delta of `steps` Poisson-subsampled Gaussian steps at `epsilon` (>= 0)."""
+    q = v.check_sampling_probability(sampling_probability)
+    sigma = v.check_noise_multiplier(noise_multiplier)
+    m = v.check_steps(steps)
+    epsilon = v.check_epsilon(epsilon)
+    method = v.check_method(method)
+    order = v.check_order(order)
+    return delta_for_components(((q, sigma, m),), epsilon, method, order, bool(certify))

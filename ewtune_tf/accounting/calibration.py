@@ -33,203 +33,230 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from ewtune_tf.accounting import _validation as v
 from ewtune_tf.accounting import accountant as accountant_lib
-from ewtune_tf.accounting import api
+from ewtune_tf.accounting import api, tilted
 from ewtune_tf.accounting import certify as certify_lib
 from ewtune_tf.accounting import paper as paper_lib
-from ewtune_tf.accounting import tilted
 
 _REL_TOL = 1e-4
 
 
 class _LocateAccountant(accountant_lib.EdgeworthAccountant):
-  """Cheap, uncertified epsilon used only to find sigma's neighbourhood.
+    """Cheap, uncertified epsilon used only to find sigma's neighbourhood.
 
-  Returns the raw tilted estimate even where it cannot vouch for itself (the
-  certify phase decides), and dp_accounting's RDP bound where the saddlepoint
-  has no solution at all (tiny sigma), so no slow PLD runs here.
-  """
+    Returns the raw tilted estimate even where it cannot vouch for itself (the
+    certify phase decides), and dp_accounting's RDP bound where the saddlepoint
+    has no solution at all (tiny sigma), so no slow PLD runs here.
+    """
 
-  def get_epsilon(self, target_delta: float) -> float:
-    comps = self.components
-    try:
-      eps = max(tilted.epsilon_from_delta(comps, target_delta, 2, d)[0]
-                for d in ("remove", "add"))
-      if math.isfinite(eps):
-        return eps
-    except (tilted.TiltedInvalidError, ValueError, ZeroDivisionError,
-            OverflowError):
-      pass
-    acc = rdp_privacy_accountant.RdpAccountant()
-    for q, s, c in comps:
-      acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), c)
-    return acc.get_epsilon(target_delta)
+    def get_epsilon(self, target_delta: float) -> float:
+        comps = self.components
+        try:
+            eps = max(tilted.epsilon_from_delta(comps, target_delta, 2, d)[0] for d in ("remove", "add"))
+            if math.isfinite(eps):
+                return eps
+        except (tilted.TiltedInvalidError, ValueError, ZeroDivisionError, OverflowError):
+            pass
+        acc = rdp_privacy_accountant.RdpAccountant()
+        for q, s, c in comps:
+            acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), c)
+        return acc.get_epsilon(target_delta)
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationResult:
-  """Calibrated noise multiplier and the accounting at it."""
-  noise_multiplier: float
-  sampling_probability: float
-  steps: int
-  target_epsilon: float
-  target_delta: float
-  epsilon: api.EpsilonResult
-  certified: bool
-  method: str
-  seconds: float
+    """Calibrated noise multiplier and the accounting at it."""
 
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["epsilon"] = self.epsilon.to_dict()
-    return d
+    noise_multiplier: float
+    sampling_probability: float
+    steps: int
+    target_epsilon: float
+    target_delta: float
+    epsilon: api.EpsilonResult
+    certified: bool
+    method: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["epsilon"] = self.epsilon.to_dict()
+        return d
 
 
-def steps_and_sampling_probability(num_examples: int, batch_size: int,
-                                   epochs: float) -> Tuple[float, int]:
-  """(q, steps) = (B / N, ceil(epochs * N / B)) for Poisson sampling.
+def steps_and_sampling_probability(num_examples: int, batch_size: int, epochs: float) -> Tuple[float, int]:
+    """(q, steps) = (B / N, ceil(epochs * N / B)) for Poisson sampling.
 
-  Args:
-    num_examples: dataset size N >= 1.
-    batch_size: expected batch size B, 1 <= B <= N.
-    epochs: passes over the data, > 0.
-  """
-  n = v.check_positive_int(num_examples, "num_examples")
-  b = v.check_positive_int(batch_size, "batch_size")
-  e = v.check_positive_real(epochs, "epochs")
-  if b > n:
-    raise ValueError(f"batch_size must be in [1, num_examples={n}]; got {b}.")
-  q = b / n
-  steps = int(math.ceil(e * n / b - 1e-9))  # tolerate float noise in e*n/b
-  return q, max(steps, 1)
+    Args:
+      num_examples: dataset size N >= 1.
+      batch_size: expected batch size B, 1 <= B <= N.
+      epochs: passes over the data, > 0.
+    """
+    n = v.check_positive_int(num_examples, "num_examples")
+    b = v.check_positive_int(batch_size, "batch_size")
+    e = v.check_positive_real(epochs, "epochs")
+    if b > n:
+        raise ValueError(f"batch_size must be in [1, num_examples={n}]; got {b}.")
+    q = b / n
+    steps = int(math.ceil(e * n / b - 1e-9))  # tolerate float noise in e*n/b
+    return q, max(steps, 1)
 
 
 def _event(q: float, steps: int, log_sigma: float) -> dp_event.DpEvent:
-  return dp_event.SelfComposedDpEvent(
-      dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(math.exp(log_sigma))),
-      steps)
+    return dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(math.exp(log_sigma))), steps
+    )
 
 
 def _search(make_accountant, q, steps, target_epsilon, target_delta, bracket):
-  return mc.calibrate_dp_mechanism(
-      make_accountant, lambda x: _event(q, steps, x), target_epsilon,
-      target_delta, bracket_interval=bracket, tol=_REL_TOL / 2)
+    return mc.calibrate_dp_mechanism(
+        make_accountant,
+        lambda x: _event(q, steps, x),
+        target_epsilon,
+        target_delta,
+        bracket_interval=bracket,
+        tol=_REL_TOL / 2,
+    )
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, target_delta: float,
-    sampling_probability: Optional[float] = None, steps: Optional[int] = None,
-    *, num_examples: Optional[int] = None, batch_size: Optional[int] = None,
-    epochs: Optional[float] = None, method: str = "tilted", order: int = 2,
-    certify: bool = True, paper: bool = False) -> CalibrationResult:
-  """Smallest noise multiplier (to 1e-4 relative) with epsilon <= target.
+    target_epsilon: float,
+    target_delta: float,
+    sampling_probability: Optional[float] = None,
+    steps: Optional[int] = None,
+    *,
+    num_examples: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    epochs: Optional[float] = None,
+    method: str = "tilted",
+    order: int = 2,
+    certify: bool = True,
+    paper: bool = False,
+) -> CalibrationResult:
+    """Smallest noise multiplier (to 1e-4 relative) with epsilon <= target.
 
-  Give either (sampling_probability, steps) or (num_examples, batch_size,
-  epochs); see `steps_and_sampling_probability` for the conversion.
+    Give either (sampling_probability, steps) or (num_examples, batch_size,
+    epochs); see `steps_and_sampling_probability` for the conversion.
 
-  With certify=True (default) the returned sigma's epsilon is a proven upper
-  bound (dp_accounting pessimistic PLD). With certify=False the estimate is
-  used as is (labelled certified=False unless it fell back to PLD). paper=True
-  reproduces EW-Tune's search (order 1, estimate only, certified=False).
-  """
-  start = time.perf_counter()
-  target_epsilon = v.check_target_epsilon(target_epsilon)
-  target_delta = v.check_delta(target_delta, "target_delta")
-  method = v.check_method(method)
-  order = v.check_order(order)
-  by_size = (num_examples, batch_size, epochs)
-  if sampling_probability is not None or steps is not None:
-    if any(x is not None for x in by_size):
-      raise ValueError("give either (sampling_probability, steps) or "
-                       "(num_examples, batch_size, epochs), not both.")
-    if sampling_probability is None or steps is None:
-      raise ValueError("sampling_probability and steps must be given together.")
-    q = v.check_sampling_probability(sampling_probability)
-    m = v.check_steps(steps)
-  else:
-    if any(x is None for x in by_size):
-      raise ValueError("give (sampling_probability, steps) or all of "
-                       "(num_examples, batch_size, epochs).")
-    q, m = steps_and_sampling_probability(num_examples, batch_size, epochs)
+    With certify=True (default) the returned sigma's epsilon is a proven upper
+    bound (dp_accounting pessimistic PLD). With certify=False the estimate is
+    used as is (labelled certified=False unless it fell back to PLD). paper=True
+    reproduces EW-Tune's search (order 1, estimate only, certified=False).
+    """
+    start = time.perf_counter()
+    target_epsilon = v.check_target_epsilon(target_epsilon)
+    target_delta = v.check_delta(target_delta, "target_delta")
+    method = v.check_method(method)
+    order = v.check_order(order)
+    by_size = (num_examples, batch_size, epochs)
+    if sampling_probability is not None or steps is not None:
+        if any(x is not None for x in by_size):
+            raise ValueError(
+                "give either (sampling_probability, steps) or (num_examples, batch_size, epochs), not both."
+            )
+        if sampling_probability is None or steps is None:
+            raise ValueError("sampling_probability and steps must be given together.")
+        q = v.check_sampling_probability(sampling_probability)
+        m = v.check_steps(steps)
+    else:
+        if any(x is None for x in by_size):
+            raise ValueError("give (sampling_probability, steps) or all of (num_examples, batch_size, epochs).")
+        q, m = steps_and_sampling_probability(num_examples, batch_size, epochs)
 
-  if paper:
-    sigma, eps, secs = paper_lib.paper_sigma(q, m, target_epsilon, target_delta)
-    res = api.EpsilonResult(
-        epsilon=eps, delta=target_delta, certified=False,
-        method="paper_edgeworth_order1", estimate=eps,
-        estimate_method="paper_edgeworth_order1", bound=None, bound_method=None,
-        seconds=secs, flags=("paper_mode_approximation",))
-    return CalibrationResult(sigma, q, m, target_epsilon, target_delta, res,
-                             False, "paper_grid_search",
-                             time.perf_counter() - start)
+    if paper:
+        sigma, eps, secs = paper_lib.paper_sigma(q, m, target_epsilon, target_delta)
+        res = api.EpsilonResult(
+            epsilon=eps,
+            delta=target_delta,
+            certified=False,
+            method="paper_edgeworth_order1",
+            estimate=eps,
+            estimate_method="paper_edgeworth_order1",
+            bound=None,
+            bound_method=None,
+            seconds=secs,
+            flags=("paper_mode_approximation",),
+        )
+        return CalibrationResult(
+            sigma, q, m, target_epsilon, target_delta, res, False, "paper_grid_search", time.perf_counter() - start
+        )
 
-  # Phase 1: locate with the analytic estimate.
-  if method == "tilted":
-    est_acc = lambda: _LocateAccountant(method, order, certify=False)
-  else:
-    est_acc = lambda: accountant_lib.EdgeworthAccountant(method, order, certify=False)
-  lower = math.log(0.3)
-  while True:
-    eps_low = est_acc().compose(_event(q, m, lower)).get_epsilon(target_delta)
-    if eps_low > target_epsilon:
-      break
-    lower -= math.log(4.0)  # Extremely loose target: search lower.
-    if lower < math.log(1e-4):
-      break
-  x_est = _search(est_acc, q, m, target_epsilon, target_delta,
-                  mc.LowerEndpointAndGuess(lower, lower + 1.0))
-  if not certify:
-    sigma = math.exp(x_est)
-    res = api.epsilon_for_components(((q, sigma, m),), target_delta, method,
-                                     order, certify=False)
-    return CalibrationResult(sigma, q, m, target_epsilon, target_delta, res,
-                             res.certified, f"calibrate_dp_mechanism({res.method})",
-                             time.perf_counter() - start)
+    # Phase 1: locate with the analytic estimate.
+    if method == "tilted":
+        est_acc = lambda: _LocateAccountant(method, order, certify=False)
+    else:
+        est_acc = lambda: accountant_lib.EdgeworthAccountant(method, order, certify=False)
+    lower = math.log(0.3)
+    while True:
+        eps_low = est_acc().compose(_event(q, m, lower)).get_epsilon(target_delta)
+        if eps_low > target_epsilon:
+            break
+        lower -= math.log(4.0)  # Extremely loose target: search lower.
+        if lower < math.log(1e-4):
+            break
+    x_est = _search(est_acc, q, m, target_epsilon, target_delta, mc.LowerEndpointAndGuess(lower, lower + 1.0))
+    if not certify:
+        sigma = math.exp(x_est)
+        res = api.epsilon_for_components(((q, sigma, m),), target_delta, method, order, certify=False)
+        return CalibrationResult(
+            sigma,
+            q,
+            m,
+            target_epsilon,
+            target_delta,
+            res,
+            res.certified,
+            f"calibrate_dp_mechanism({res.method})",
+            time.perf_counter() - start,
+        )
 
-  # Phase 2: certify. Fix the PLD discretisation at sigma_est so that the
-  # bound is within 0.5 % of the estimate there.
-  sigma_est = math.exp(x_est)
-  b = certify_lib.epsilon_upper_bound(((q, sigma_est, m),), target_delta,
-                                      reference=target_epsilon)
-  interval = b.value_discretization_interval
-  memo = {}
+    # Phase 2: certify. Fix the PLD discretisation at sigma_est so that the
+    # bound is within 0.5 % of the estimate there.
+    sigma_est = math.exp(x_est)
+    b = certify_lib.epsilon_upper_bound(((q, sigma_est, m),), target_delta, reference=target_epsilon)
+    interval = b.value_discretization_interval
+    memo = {}
 
-  class _MemoCertified(accountant_lib.EdgeworthAccountant):
-    """Certified accountant whose results are shared within this search
-    (Brent and calibrate_dp_mechanism re-evaluate the bracket endpoints)."""
+    class _MemoCertified(accountant_lib.EdgeworthAccountant):
+        """Certified accountant whose results are shared within this search
+        (Brent and calibrate_dp_mechanism re-evaluate the bracket endpoints)."""
 
-    def get_epsilon_result(self, target_delta):
-      key = (self.components, target_delta)
-      if key not in memo:
-        memo[key] = super().get_epsilon_result(target_delta)
-      return memo[key]
+        def get_epsilon_result(self, target_delta):
+            key = (self.components, target_delta)
+            if key not in memo:
+                memo[key] = super().get_epsilon_result(target_delta)
+            return memo[key]
 
-  cert_acc = lambda: _MemoCertified(
-      method, order, certify=True, pld_value_discretization_interval=interval)
+    cert_acc = lambda: _MemoCertified(method, order, certify=True, pld_value_discretization_interval=interval)
 
-  def gap(x):
-    return cert_acc().compose(_event(q, m, x)).get_epsilon(target_delta) - target_epsilon
+    def gap(x):
+        return cert_acc().compose(_event(q, m, x)).get_epsilon(target_delta) - target_epsilon
 
-  # Predict the certified root from the bound's excess at sigma_est and the
-  # local slope d eps / d log(sigma) of the estimate, then bracket it tightly
-  # (Brent then needs only a few PLD evaluations).
-  h = 1e-3
-  slope = (est_acc().compose(_event(q, m, x_est + h)).get_epsilon(target_delta)
-           - target_epsilon) / h
-  excess = max(b.value - target_epsilon, 0.0)
-  x_pred = x_est + (excess / -slope if slope < 0 else 0.0)
-  lo, hi = x_pred - 2e-4, x_pred + 6e-4
-  while gap(lo) <= 0:
-    lo -= 4 * (hi - lo)
-  while gap(hi) > 0:
-    hi += 4 * (hi - lo)
-  x = _search(cert_acc, q, m, target_epsilon, target_delta,
-              mc.ExplicitBracketInterval(lo, hi))
-  sigma = math.exp(x)
-  res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
-  while res.epsilon > target_epsilon:  # Defensive: never return an unproven sigma.
-    x += _REL_TOL / 2
+    # Predict the certified root from the bound's excess at sigma_est and the
+    # local slope d eps / d log(sigma) of the estimate, then bracket it tightly
+    # (Brent then needs only a few PLD evaluations).
+    h = 1e-3
+    slope = (est_acc().compose(_event(q, m, x_est + h)).get_epsilon(target_delta) - target_epsilon) / h
+    excess = max(b.value - target_epsilon, 0.0)
+    x_pred = x_est + (excess / -slope if slope < 0 else 0.0)
+    lo, hi = x_pred - 2e-4, x_pred + 6e-4
+    while gap(lo) <= 0:
+        lo -= 4 * (hi - lo)
+    while gap(hi) > 0:
+        hi += 4 * (hi - lo)
+    x = _search(cert_acc, q, m, target_epsilon, target_delta, mc.ExplicitBracketInterval(lo, hi))
     sigma = math.exp(x)
     res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
-  return CalibrationResult(sigma, q, m, target_epsilon, target_delta, res,
-                           res.certified, "calibrate_dp_mechanism(certified)",
-                           time.perf_counter() - start)
+    while res.epsilon > target_epsilon:  # Defensive: never return an unproven sigma.
+        x += _REL_TOL / 2
+        sigma = math.exp(x)
+        res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
+    return CalibrationResult(
+        sigma,
+        q,
+        m,
+        target_epsilon,
+        target_delta,
+        res,
+        res.certified,
+        "calibrate_dp_mechanism(certified)",
+        time.perf_counter() - start,
+    )

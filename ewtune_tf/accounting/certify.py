@@ -29,80 +29,91 @@ _MAX_INTERVAL = 1e-2
 
 @dataclasses.dataclass(frozen=True)
 class PLDBound:
-  value: float               # epsilon or delta upper bound
-  value_discretization_interval: float
-  refinements: int
-  seconds: float
-  method: str = "pld_pessimistic"
+    value: float  # epsilon or delta upper bound
+    value_discretization_interval: float
+    refinements: int
+    seconds: float
+    method: str = "pld_pessimistic"
 
 
-def build_pld(components: Sequence[pllr.Component], interval: float,
-              pessimistic: bool = True):
-  """PLD (both directions) of a composition of subsampled Gaussians."""
-  out = None
-  for q, sigma, count in components:
-    if q == 1.0:
-      # count Gaussian steps compose exactly into one with sigma / sqrt(count)
-      # (as dp_accounting's PLDAccountant does): one discretisation, not count.
-      one = pld_lib.from_gaussian_mechanism(
-          standard_deviation=sigma / math.sqrt(count), sensitivity=1.0,
-          pessimistic_estimate=pessimistic,
-          value_discretization_interval=interval)
-    else:
-      one = pld_lib.from_gaussian_mechanism(
-          standard_deviation=sigma, sensitivity=1.0,
-          pessimistic_estimate=pessimistic,
-          value_discretization_interval=interval,
-          sampling_prob=q).self_compose(int(count))
-    out = one if out is None else out.compose(one)
-  return out
+def build_pld(components: Sequence[pllr.Component], interval: float, pessimistic: bool = True):
+    """PLD (both directions) of a composition of subsampled Gaussians."""
+    out = None
+    for q, sigma, count in components:
+        if q == 1.0:
+            # count Gaussian steps compose exactly into one with sigma / sqrt(count)
+            # (as dp_accounting's PLDAccountant does): one discretisation, not count.
+            one = pld_lib.from_gaussian_mechanism(
+                standard_deviation=sigma / math.sqrt(count),
+                sensitivity=1.0,
+                pessimistic_estimate=pessimistic,
+                value_discretization_interval=interval,
+            )
+        else:
+            one = pld_lib.from_gaussian_mechanism(
+                standard_deviation=sigma,
+                sensitivity=1.0,
+                pessimistic_estimate=pessimistic,
+                value_discretization_interval=interval,
+                sampling_prob=q,
+            ).self_compose(int(count))
+        out = one if out is None else out.compose(one)
+    return out
 
 
 def initial_interval(components: Sequence[pllr.Component]) -> float:
-  """Discretisation ~ 1/10 of the smallest per-step privacy-loss std."""
-  sd = min(math.sqrt(pllr.cumulants(q, s, "Q")[1]) for q, s, _ in components)
-  return min(_MAX_INTERVAL, max(_MIN_INTERVAL, 0.1 * sd))
+    """Discretisation ~ 1/10 of the smallest per-step privacy-loss std."""
+    sd = min(math.sqrt(pllr.cumulants(q, s, "Q")[1]) for q, s, _ in components)
+    return min(_MAX_INTERVAL, max(_MIN_INTERVAL, 0.1 * sd))
 
 
-def _refine(components, evaluate, reference: Optional[float],
-            interval: Optional[float], max_slack: float,
-            time_budget: float) -> PLDBound:
-  start = time.perf_counter()
-  iv = interval if interval is not None else initial_interval(components)
-  value = evaluate(build_pld(components, iv))
-  prev = None
-  n = 0
-  while True:
-    if interval is not None:
-      break
-    ref = reference if reference is not None and reference > 0 else None
-    if ref is not None and value <= ref * (1 + max_slack):
-      break
-    if prev is not None and (prev - value) / 3.0 <= max_slack * max(value, 1e-300):
-      break
-    if iv / 4 < _MIN_INTERVAL or time.perf_counter() - start > time_budget:
-      break
-    prev, iv = value, iv / 4
+def _refine(
+    components, evaluate, reference: Optional[float], interval: Optional[float], max_slack: float, time_budget: float
+) -> PLDBound:
+    start = time.perf_counter()
+    iv = interval if interval is not None else initial_interval(components)
     value = evaluate(build_pld(components, iv))
-    n += 1
-  return PLDBound(value, iv, n, time.perf_counter() - start)
+    prev = None
+    n = 0
+    while True:
+        if interval is not None:
+            break
+        ref = reference if reference is not None and reference > 0 else None
+        if ref is not None and value <= ref * (1 + max_slack):
+            break
+        if prev is not None and (prev - value) / 3.0 <= max_slack * max(value, 1e-300):
+            break
+        if iv / 4 < _MIN_INTERVAL or time.perf_counter() - start > time_budget:
+            break
+        prev, iv = value, iv / 4
+        value = evaluate(build_pld(components, iv))
+        n += 1
+    return PLDBound(value, iv, n, time.perf_counter() - start)
 
 
-def epsilon_upper_bound(components: Sequence[pllr.Component], delta: float,
-                        reference: Optional[float] = None,
-                        interval: Optional[float] = None,
-                        max_slack: float = MAX_SLACK,
-                        time_budget: float = 5.0) -> PLDBound:
-  """Certified eps(delta) upper bound (pessimistic PLD, max of add/remove)."""
-  return _refine(components, lambda p: float(p.get_epsilon_for_delta(delta)),
-                 reference, interval, max_slack, time_budget)
+def epsilon_upper_bound(
+    components: Sequence[pllr.Component],
+    delta: float,
+    reference: Optional[float] = None,
+    interval: Optional[float] = None,
+    max_slack: float = MAX_SLACK,
+    time_budget: float = 5.0,
+) -> PLDBound:
+    """Certified eps(delta) upper bound (pessimistic PLD, max of add/remove)."""
+    return _refine(
+        components, lambda p: float(p.get_epsilon_for_delta(delta)), reference, interval, max_slack, time_budget
+    )
 
 
-def delta_upper_bound(components: Sequence[pllr.Component], epsilon: float,
-                      reference: Optional[float] = None,
-                      interval: Optional[float] = None,
-                      max_slack: float = MAX_SLACK,
-                      time_budget: float = 5.0) -> PLDBound:
-  """Certified delta(eps) upper bound (pessimistic PLD, max of add/remove)."""
-  return _refine(components, lambda p: float(p.get_delta_for_epsilon(epsilon)),
-                 reference, interval, max_slack, time_budget)
+def delta_upper_bound(
+    components: Sequence[pllr.Component],
+    epsilon: float,
+    reference: Optional[float] = None,
+    interval: Optional[float] = None,
+    max_slack: float = MAX_SLACK,
+    time_budget: float = 5.0,
+) -> PLDBound:
+    """Certified delta(eps) upper bound (pessimistic PLD, max of add/remove)."""
+    return _refine(
+        components, lambda p: float(p.get_delta_for_epsilon(epsilon)), reference, interval, max_slack, time_budget
+    )

@@ -45,107 +45,102 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _MARGIN = 12.0  # Standard deviations of Gaussian decay kept beyond the modes.
 
 
-def pllr(x: np.ndarray, sampling_probability: float,
-         noise_multiplier: float) -> np.ndarray:
-  """L(x) = log(1 - q + q exp(mu x - mu^2/2)), evaluated stably in log space."""
-  q = sampling_probability
-  mu = 1.0 / noise_multiplier
-  z = mu * np.asarray(x, dtype=float) - 0.5 * mu * mu
-  out = np.empty_like(z)
-  neg = z <= 0
-  # z <= 0: the mixture weight of the shifted component is small; log1p keeps
-  # relative precision when q * (e^z - 1) is tiny.
-  out[neg] = np.log1p(q * np.expm1(z[neg]))
-  zp = z[~neg]
-  out[~neg] = zp + np.log(q + (1.0 - q) * np.exp(-zp))
-  return out
+def pllr(x: np.ndarray, sampling_probability: float, noise_multiplier: float) -> np.ndarray:
+    """L(x) = log(1 - q + q exp(mu x - mu^2/2)), evaluated stably in log space."""
+    q = sampling_probability
+    mu = 1.0 / noise_multiplier
+    z = mu * np.asarray(x, dtype=float) - 0.5 * mu * mu
+    out = np.empty_like(z)
+    neg = z <= 0
+    # z <= 0: the mixture weight of the shifted component is small; log1p keeps
+    # relative precision when q * (e^z - 1) is tiny.
+    out[neg] = np.log1p(q * np.expm1(z[neg]))
+    zp = z[~neg]
+    out[~neg] = zp + np.log(q + (1.0 - q) * np.exp(-zp))
+    return out
 
 
 class TiltedCumulants(NamedTuple):
-  """K(t) and its derivatives K'(t) ... K^(5)(t) for one step."""
-  t: float
-  cgf: float
-  k1: float
-  k2: float
-  k3: float
-  k4: float
-  k5: float
+    """K(t) and its derivatives K'(t) ... K^(5)(t) for one step."""
 
-  def derivative(self, j: int) -> float:
-    return (self.cgf, self.k1, self.k2, self.k3, self.k4, self.k5)[j]
+    t: float
+    cgf: float
+    k1: float
+    k2: float
+    k3: float
+    k4: float
+    k5: float
+
+    def derivative(self, j: int) -> float:
+        return (self.cgf, self.k1, self.k2, self.k3, self.k4, self.k5)[j]
 
 
-def tilted_cumulants(sampling_probability: float, noise_multiplier: float,
-                     t: float) -> TiltedCumulants:
-  """Per-step CGF K(t) = log E_P[e^{tL}] and its first five derivatives.
+def tilted_cumulants(sampling_probability: float, noise_multiplier: float, t: float) -> TiltedCumulants:
+    """Per-step CGF K(t) = log E_P[e^{tL}] and its first five derivatives.
 
-  Args:
-    sampling_probability: q in (0, 1].
-    noise_multiplier: sigma > 0 (noise std in units of the clipping norm).
-    t: tilt (any real number).
+    Args:
+      sampling_probability: q in (0, 1].
+      noise_multiplier: sigma > 0 (noise std in units of the clipping norm).
+      t: tilt (any real number).
 
-  Returns:
-    TiltedCumulants(t, K(t), K'(t), ..., K^(5)(t)).
-  """
-  q = float(sampling_probability)
-  mu = 1.0 / float(noise_multiplier)
-  t = float(t)
-  h = min(0.1, 0.4 / mu)
-  lo = min(0.0, t * mu) - _MARGIN
-  hi = max(0.0, t * mu) + _MARGIN
-  n = int(math.ceil((hi - lo) / h)) + 1
-  x = lo + h * np.arange(n)
-  ell = pllr(x, q, 1.0 / mu)
-  g = -0.5 * x * x + t * ell
-  gmax = float(np.max(g))
-  w = np.exp(g - gmax)
-  total = float(np.sum(w))
-  cgf = math.log(total * h) + gmax - _LOG_SQRT_2PI
-  w /= total
-  mean = float(np.dot(w, ell))
-  d = ell - mean
-  d2 = d * d
-  c2 = float(np.dot(w, d2))
-  c3 = float(np.dot(w, d2 * d))
-  c4 = float(np.dot(w, d2 * d2))
-  c5 = float(np.dot(w, d2 * d2 * d))
-  return TiltedCumulants(t, cgf, mean, c2, c3, c4 - 3.0 * c2 * c2,
-                         c5 - 10.0 * c3 * c2)
+    Returns:
+      TiltedCumulants(t, K(t), K'(t), ..., K^(5)(t)).
+    """
+    q = float(sampling_probability)
+    mu = 1.0 / float(noise_multiplier)
+    t = float(t)
+    h = min(0.1, 0.4 / mu)
+    lo = min(0.0, t * mu) - _MARGIN
+    hi = max(0.0, t * mu) + _MARGIN
+    n = int(math.ceil((hi - lo) / h)) + 1
+    x = lo + h * np.arange(n)
+    ell = pllr(x, q, 1.0 / mu)
+    g = -0.5 * x * x + t * ell
+    gmax = float(np.max(g))
+    w = np.exp(g - gmax)
+    total = float(np.sum(w))
+    cgf = math.log(total * h) + gmax - _LOG_SQRT_2PI
+    w /= total
+    mean = float(np.dot(w, ell))
+    d = ell - mean
+    d2 = d * d
+    c2 = float(np.dot(w, d2))
+    c3 = float(np.dot(w, d2 * d))
+    c4 = float(np.dot(w, d2 * d2))
+    c5 = float(np.dot(w, d2 * d2 * d))
+    return TiltedCumulants(t, cgf, mean, c2, c3, c4 - 3.0 * c2 * c2, c5 - 10.0 * c3 * c2)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cumulants_cached(q: float, sigma: float, measure: str) -> Tuple[float, ...]:
-  t = 0.0 if measure == "P" else 1.0
-  c = tilted_cumulants(q, sigma, t)
-  return (c.k1, c.k2, c.k3, c.k4, c.k5)
+    t = 0.0 if measure == "P" else 1.0
+    c = tilted_cumulants(q, sigma, t)
+    return (c.k1, c.k2, c.k3, c.k4, c.k5)
 
 
-def cumulants(sampling_probability: float, noise_multiplier: float,
-              measure: str = "P") -> Tuple[float, float, float, float, float]:
-  """Per-step cumulants kappa_1..kappa_5 of L under P (X) or Q (Y). Cached."""
-  if measure not in ("P", "Q"):
-    raise ValueError(f"measure must be 'P' or 'Q'; got {measure!r}.")
-  return _cumulants_cached(float(sampling_probability), float(noise_multiplier),
-                           measure)
+def cumulants(
+    sampling_probability: float, noise_multiplier: float, measure: str = "P"
+) -> Tuple[float, float, float, float, float]:
+    """Per-step cumulants kappa_1..kappa_5 of L under P (X) or Q (Y). Cached."""
+    if measure not in ("P", "Q"):
+        raise ValueError(f"measure must be 'P' or 'Q'; got {measure!r}.")
+    return _cumulants_cached(float(sampling_probability), float(noise_multiplier), measure)
 
 
 def cumulants_to_moments(k: Sequence[float]) -> Tuple[float, ...]:
-  """Raw moments M1..M5 from cumulants kappa_1..kappa_5."""
-  k1, k2, k3, k4, k5 = k
-  m1 = k1
-  m2 = k2 + k1 ** 2
-  m3 = k3 + 3 * k2 * k1 + k1 ** 3
-  m4 = k4 + 4 * k3 * k1 + 3 * k2 ** 2 + 6 * k2 * k1 ** 2 + k1 ** 4
-  m5 = (k5 + 5 * k4 * k1 + 10 * k3 * k2 + 10 * k3 * k1 ** 2
-        + 15 * k2 ** 2 * k1 + 10 * k2 * k1 ** 3 + k1 ** 5)
-  return (m1, m2, m3, m4, m5)
+    """Raw moments M1..M5 from cumulants kappa_1..kappa_5."""
+    k1, k2, k3, k4, k5 = k
+    m1 = k1
+    m2 = k2 + k1**2
+    m3 = k3 + 3 * k2 * k1 + k1**3
+    m4 = k4 + 4 * k3 * k1 + 3 * k2**2 + 6 * k2 * k1**2 + k1**4
+    m5 = k5 + 5 * k4 * k1 + 10 * k3 * k2 + 10 * k3 * k1**2 + 15 * k2**2 * k1 + 10 * k2 * k1**3 + k1**5
+    return (m1, m2, m3, m4, m5)
 
 
-def raw_moments(sampling_probability: float, noise_multiplier: float,
-                measure: str = "P") -> Tuple[float, ...]:
-  """Raw moments E[L^k], k = 1..5, under P or Q."""
-  return cumulants_to_moments(
-      cumulants(sampling_probability, noise_multiplier, measure))
+def raw_moments(sampling_probability: float, noise_multiplier: float, measure: str = "P") -> Tuple[float, ...]:
+    """Raw moments E[L^k], k = 1..5, under P or Q."""
+    return cumulants_to_moments(cumulants(sampling_probability, noise_multiplier, measure))
 
 
 # A composition is a tuple of (q, sigma, count) components; S is the sum over
@@ -154,18 +149,17 @@ Component = Tuple[float, float, int]
 
 
 def composed_cgf(components: Sequence[Component], t: float) -> np.ndarray:
-  """Sum over components of count * (K(t), K'(t), ..., K^(5)(t))."""
-  out = np.zeros(6)
-  for q, sigma, count in components:
-    c = tilted_cumulants(q, sigma, t)
-    out += count * np.array(c[1:])
-  return out
+    """Sum over components of count * (K(t), K'(t), ..., K^(5)(t))."""
+    out = np.zeros(6)
+    for q, sigma, count in components:
+        c = tilted_cumulants(q, sigma, t)
+        out += count * np.array(c[1:])
+    return out
 
 
-def composed_cumulants(components: Sequence[Component],
-                       measure: str = "P") -> np.ndarray:
-  """Summed cumulants K_1..K_5 of S under P or Q (spec section 4)."""
-  out = np.zeros(5)
-  for q, sigma, count in components:
-    out += count * np.array(cumulants(q, sigma, measure))
-  return out
+def composed_cumulants(components: Sequence[Component], measure: str = "P") -> np.ndarray:
+    """Summed cumulants K_1..K_5 of S under P or Q (spec section 4)."""
+    out = np.zeros(5)
+    for q, sigma, count in components:
+        out += count * np.array(cumulants(q, sigma, measure))
+    return out

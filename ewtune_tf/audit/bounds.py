@@ -165,9 +165,7 @@ def one_run_p_value(num_canaries: int, num_guesses: int, num_correct: int, epsil
     """P-value of observing >= num_correct correct guesses under (ε, δ)-DP."""
     m, r, v = int(num_canaries), int(num_guesses), int(num_correct)
     if not 0 <= v <= r <= m:
-        raise ValueError(
-            f"need 0 <= num_correct <= num_guesses <= num_canaries; got {v}, {r}, {m}."
-        )
+        raise ValueError(f"need 0 <= num_correct <= num_guesses <= num_canaries; got {v}, {r}, {m}.")
     delta = _check_delta(delta)
     p = float(special.expit(epsilon))  # e^ε / (1 + e^ε), stable for large ε
     tail = float(stats.binom.sf(v - 1, r, p))  # P[Bin(r, p) >= v]
@@ -223,10 +221,7 @@ def one_run_epsilon_lower_bound(
 def gaussian_delta(epsilon: float, noise_multiplier: float) -> float:
     """δ(ε) of the Gaussian mechanism N(0, σ²) vs N(1, σ²) (Balle & Wang 2018)."""
     mu = 1.0 / noise_multiplier
-    return float(
-        stats.norm.cdf(mu / 2 - epsilon / mu)
-        - math.exp(epsilon) * stats.norm.cdf(-mu / 2 - epsilon / mu)
-    )
+    return float(stats.norm.cdf(mu / 2 - epsilon / mu) - math.exp(epsilon) * stats.norm.cdf(-mu / 2 - epsilon / mu))
 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
@@ -243,7 +238,5 @@ def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
     hi = 1.0
     while gaussian_delta(hi, noise_multiplier) > delta:
         hi *= 2.0
-    root = optimize.brentq(
-        lambda e: gaussian_delta(e, noise_multiplier) - delta, 0.0, hi, xtol=1e-12
-    )
+    root = optimize.brentq(lambda e: gaussian_delta(e, noise_multiplier) - delta, 0.0, hi, xtol=1e-12)
     return float(root) + 1e-9

@@ -30,9 +30,9 @@ def _compute_epsilon():
     # ewtune_tf.accounting re-exports compute_epsilon; the module path is the
     # fallback while the package __init__ is being filled in.
     try:
-        from ewtune_tf.accounting import compute_epsilon  # noqa: PLC0415
+        from ewtune_tf.accounting import compute_epsilon
     except ImportError:  # pragma: no cover - depends on the accounting helper
-        from ewtune_tf.accounting.api import compute_epsilon  # noqa: PLC0415
+        from ewtune_tf.accounting.api import compute_epsilon
     return compute_epsilon
 
 

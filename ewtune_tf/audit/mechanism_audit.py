@@ -49,8 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ewtune_tf.audit import bounds
-from ewtune_tf.audit import claims
+from ewtune_tf.audit import bounds, claims
 from ewtune_tf.mechanism import clipping as clipping_lib
 from ewtune_tf.optimizers import EWTuneSGD
 
@@ -113,9 +112,7 @@ class AuditResult:
 
 
 def _linear_model(dim: int) -> keras.Model:
-    model = keras.Sequential(
-        [keras.Input((dim,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")]
-    )
+    model = keras.Sequential([keras.Input((dim,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
     return model
 
 
@@ -218,9 +215,7 @@ def audit_mechanism(
     direction /= np.linalg.norm(direction)
     canary = canary_norm * l2_norm_clip * direction
     sum_d = clipped_gradient_sum(background, variant.clipping_l2_norm_clip, clipping=clipping)
-    sum_d1 = clipped_gradient_sum(
-        np.vstack([background, canary]), variant.clipping_l2_norm_clip, clipping=clipping
-    )
+    sum_d1 = clipped_gradient_sum(np.vstack([background, canary]), variant.clipping_l2_norm_clip, clipping=clipping)
 
     trials = int(trials)
     released = private_release(np.vstack([np.tile(sum_d, (trials, 1)), np.tile(sum_d1, (trials, 1))]), variant)

@@ -56,10 +56,11 @@ def steps_per_epoch(sampling_probability: float) -> int:
     return max(1, int(math.floor(1.0 / sampling_probability + 1e-9)))
 
 
-def auto_max_batch_size(num_examples: int, sampling_probability: float, total_steps: int,
-                        overflow_tolerance: float = 1e-9) -> int:
+def auto_max_batch_size(
+    num_examples: int, sampling_probability: float, total_steps: int, overflow_tolerance: float = 1e-9
+) -> int:
     """Smallest M with total_steps * P[Binomial(N, q) > M] <= overflow_tolerance."""
-    from scipy import stats  # noqa: PLC0415 (only needed for padding)
+    from scipy import stats
 
     n, q = int(num_examples), float(sampling_probability)
     per_step = overflow_tolerance / max(1, int(total_steps))
@@ -69,10 +70,11 @@ def auto_max_batch_size(num_examples: int, sampling_probability: float, total_st
     return min(max(m, 1), n)
 
 
-def overflow_probability_bound(num_examples: int, sampling_probability: float,
-                               total_steps: int, max_batch_size: int) -> float:
+def overflow_probability_bound(
+    num_examples: int, sampling_probability: float, total_steps: int, max_batch_size: int
+) -> float:
     """Union bound on P[some step's Poisson batch exceeds max_batch_size]."""
-    from scipy import stats  # noqa: PLC0415
+    from scipy import stats
 
     p = float(stats.binom.sf(max_batch_size, num_examples, sampling_probability))
     return min(1.0, p * max(1, int(total_steps)))
@@ -194,8 +196,7 @@ def poisson_batches(
     if max_batch_size == "auto":
         max_batch_size = auto_max_batch_size(n, q, total_steps, overflow_tolerance)
     elif max_batch_size is not None and (
-        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
-        or not 1 <= max_batch_size <= n
+        isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= n
     ):
         raise ValueError(f"max_batch_size must be None, 'auto' or an integer in [1, {n}]; got {max_batch_size!r}.")
     bound = 0.0 if max_batch_size is None else overflow_probability_bound(n, q, total_steps, max_batch_size)
@@ -212,8 +213,11 @@ def poisson_batches(
         base_seed = secrets.randbits(62)
 
     x_all, y_all, w_all = _split(tensors)
-    counter = tf.Variable(0, dtype=tf.int64, trainable=False) if (
-        max_batch_size is not None and overflow == "truncate") else None
+    counter = (
+        tf.Variable(0, dtype=tf.int64, trainable=False)
+        if (max_batch_size is not None and overflow == "truncate")
+        else None
+    )
     m = max_batch_size
 
     def sample(step, rnd):
@@ -224,7 +228,8 @@ def poisson_batches(
             count = tf.size(idx)
             if overflow == "error":
                 tf.debugging.assert_less_equal(
-                    count, m,
+                    count,
+                    m,
                     message=f"Poisson batch overflow: a sampled batch exceeds max_batch_size={m}; "
                     "raise max_batch_size (or use 'auto').",
                 )
@@ -232,7 +237,8 @@ def poisson_batches(
                 over = count > m
                 counter.assign_add(tf.cast(over, tf.int64))
                 perm = tf.random.experimental.stateless_shuffle(
-                    idx, seed=tf.random.experimental.stateless_fold_in(seed2, 1))
+                    idx, seed=tf.random.experimental.stateless_fold_in(seed2, 1)
+                )
                 idx = tf.cond(over, lambda: tf.sort(perm[:m]), lambda: idx)
         k = tf.size(idx)
 
@@ -270,8 +276,9 @@ def poisson_batches(
     )
 
 
-def shuffled_batches(dataset: tf.data.Dataset, batch_size: int, *, seed: Optional[int] = None,
-                     drop_remainder: bool = True) -> tf.data.Dataset:
+def shuffled_batches(
+    dataset: tf.data.Dataset, batch_size: int, *, seed: Optional[int] = None, drop_remainder: bool = True
+) -> tf.data.Dataset:
     """Shuffled fixed-size batches (NOT what the accountant assumes).
 
     Construct the optimizer with ``sampling="shuffle"`` so the privacy state

@@ -193,9 +193,7 @@ def _serving_module(classifier, text_keys, label_names, privacy_report, staging)
     # with the task's names (``sentence`` or ``question``, ``sentence``...).
     if len(text_keys) == 1:
         k0 = text_keys[0]
-        serve = tf.function(
-            lambda **kw: serve_text(kw[k0]), input_signature=None
-        )
+        serve = tf.function(lambda **kw: serve_text(kw[k0]), input_signature=None)
         serve_fn = serve.get_concrete_function(**{k0: text_spec[0]})
     else:
         k0, k1 = text_keys

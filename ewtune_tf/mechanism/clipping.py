@@ -109,11 +109,9 @@ def check_clip_groups(groups: Optional[ClipGroups], num_variables: int) -> Optio
         raise ValueError(f"groups.shares must sum to 1; got {groups.shares!r} (sum {sum(shares)!r}).")
     assignment = tuple(int(a) for a in groups.assignment)
     if len(assignment) != num_variables:
-        raise ValueError(
-            f"groups.assignment has {len(assignment)} entries for {num_variables} variables.")
+        raise ValueError(f"groups.assignment has {len(assignment)} entries for {num_variables} variables.")
     if any(not (0 <= a < len(shares)) for a in assignment):
-        raise ValueError(
-            f"groups.assignment entries must be in [0, {len(shares) - 1}]; got {groups.assignment!r}.")
+        raise ValueError(f"groups.assignment entries must be in [0, {len(shares) - 1}]; got {groups.assignment!r}.")
     return ClipGroups(assignment, shares)
 
 
@@ -190,14 +188,10 @@ def get_clipping_impl(name: str) -> ClippingFn:
             importlib.import_module(_LAZY_MODULES[name])
         except ImportError as e:  # pragma: no cover - depends on other helper
             raise ValueError(
-                f"clipping={name!r} is not available: importing "
-                f"{_LAZY_MODULES[name]} failed ({e})."
+                f"clipping={name!r} is not available: importing {_LAZY_MODULES[name]} failed ({e})."
             ) from e
     if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown clipping implementation {name!r}; allowed values: "
-            f"{available_clipping_impls()}."
-        )
+        raise ValueError(f"Unknown clipping implementation {name!r}; allowed values: {available_clipping_impls()}.")
     return _REGISTRY[name]
 
 
@@ -212,9 +206,7 @@ def check_l2_norm_clip(l2_norm_clip) -> float:
     try:
         c = float(l2_norm_clip)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"l2_norm_clip must be a number in (0, inf]; got {l2_norm_clip!r}."
-        ) from None
+        raise ValueError(f"l2_norm_clip must be a number in (0, inf]; got {l2_norm_clip!r}.") from None
     if not c > 0:  # also rejects NaN
         raise ValueError(f"l2_norm_clip must be in (0, inf]; got {l2_norm_clip!r}.")
     return c
@@ -230,10 +222,7 @@ def clip_factors(norms: tf.Tensor, l2_norm_clip) -> tf.Tensor:
 
 def global_norms(per_record_grads: Sequence[tf.Tensor]) -> tf.Tensor:
     """[R] global L2 norms of per-record gradients ([R, ...] each)."""
-    sq = [
-        tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
-        for g in per_record_grads
-    ]
+    sq = [tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1) for g in per_record_grads]
     return tf.sqrt(tf.add_n(sq))
 
 
@@ -249,8 +238,8 @@ def clip_and_sum(
     grads = [tf.cast(g, tf.float32) for g in per_record_grads]
     num_records = tf.shape(grads[0])[0]
     norms, factors, assignment = clip_factors_by_group(
-        [(i, _sq_norms(g)) for i, g in enumerate(grads)], len(grads), num_records,
-        l2_norm_clip, groups)
+        [(i, _sq_norms(g)) for i, g in enumerate(grads)], len(grads), num_records, l2_norm_clip, groups
+    )
     grad_sum = [tf.tensordot(factors[a], g, axes=[[0], [0]]) for a, g in zip(assignment, grads)]
     return ClippedGradients(grad_sum, norms, tf.shape(norms)[0])
 
@@ -285,7 +274,11 @@ def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, num_microba
         g = [tf.cast(tf.convert_to_tensor(x), tf.float32) for x in g]
         norms, factors, assignment = clip_factors_by_group(
             [(j, tf.reshape(tf.reduce_sum(tf.square(x)), [1])) for j, x in enumerate(g)],
-            len(g), 1, l2_norm_clip, groups)
+            len(g),
+            1,
+            l2_norm_clip,
+            groups,
+        )
         acc = [a + factors[grp][0] * x for a, grp, x in zip(acc, assignment, g)]
         return i + 1, acc, ta.write(i, norms[0])
 
@@ -294,7 +287,6 @@ def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, num_microba
         body,
         (tf.constant(0), zeros, tf.TensorArray(tf.float32, size=num_records)),
     )
-    del tape
     return ClippedGradients(list(acc), norms_ta.stack(), num_records)
 
 
@@ -324,7 +316,8 @@ def clipped_gradient_sum(
         # different per-group bound than global clipping gives.
         raise ValueError(
             f"clipping={strategy_name!r} does not support group-wise clipping (groups); "
-            "use one of 'ghost', 'ghost_two_pass', 'vectorized', 'microbatch', or no groups.")
+            "use one of 'ghost', 'ghost_two_pass', 'vectorized', 'microbatch', or no groups."
+        )
     return fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, groups=groups)
 
 

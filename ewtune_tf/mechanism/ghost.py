@@ -58,9 +58,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-from ewtune_tf.mechanism import clipping
-from ewtune_tf.mechanism import ghost_layers
-from ewtune_tf.mechanism import per_example
+from ewtune_tf.mechanism import clipping, ghost_layers, per_example
 from ewtune_tf.mechanism.ghost_layers import (
     SUPPORTED_LAYERS,
     EinsumTap,
@@ -208,9 +206,7 @@ def _gather_weighted_sum(tap: GatherTap, g: tf.Tensor, factors: tf.Tensor, k: in
     rank = g.shape.rank
     scaled = g * tf.reshape(per_example, [-1] + [1] * (rank - 1))
     dim = tf.shape(g)[-1]
-    return tf.math.unsorted_segment_sum(
-        tf.reshape(scaled, [-1, dim]), tf.reshape(tap.ids, [-1]), tap.num_rows
-    )
+    return tf.math.unsorted_segment_sum(tf.reshape(scaled, [-1, dim]), tf.reshape(tap.ids, [-1]), tap.num_rows)
 
 
 def _reduce_per_record(tap: ReduceTap, g: tf.Tensor, k: int) -> tf.Tensor:
@@ -240,10 +236,7 @@ def _records_per_group(batch_size, num_microbatches: Optional[int]) -> tuple:
             "use num_microbatches=None or a fixed physical batch."
         )
     if batch_size % num_microbatches != 0:
-        raise ValueError(
-            f"num_microbatches={num_microbatches} does not divide the physical "
-            f"batch size {batch_size}."
-        )
+        raise ValueError(f"num_microbatches={num_microbatches} does not divide the physical batch size {batch_size}.")
     k = batch_size // num_microbatches
     return k, tf.constant(float(k))
 
@@ -291,8 +284,7 @@ def ghost_clipped_gradients(
             losses = tf.cast(per_example_loss_fn(), tf.float32)
         if losses.shape.rank != 1:
             raise ValueError(
-                "per_example_loss_fn must return a [batch] vector of per-example "
-                f"losses; got shape {losses.shape}."
+                f"per_example_loss_fn must return a [batch] vector of per-example losses; got shape {losses.shape}."
             )
         k, k_float = _records_per_group(losses.shape[0], num_microbatches)
         total = tf.reduce_sum(losses)
@@ -305,11 +297,7 @@ def ghost_clipped_gradients(
     tap_count: Dict[int, int] = {}
     for t in rec.taps:
         tap_count[t.var_index] = tap_count.get(t.var_index, 0) + 1
-    fallback = [
-        i
-        for i, v in enumerate(tf_vars)
-        if id(v) in outside or tap_count.get(i, 0) > 1
-    ]
+    fallback = [i for i, v in enumerate(tf_vars) if id(v) in outside or tap_count.get(i, 0) > 1]
     fallback_set = set(fallback)
     taps = [t for t in rec.taps if t.var_index not in fallback_set]
     if fallback:
@@ -380,7 +368,8 @@ def ghost_clipped_gradients(
 
     num_records = tf.shape(records)[0]
     norms, factors, assignment = clipping.clip_factors_by_group(
-        sq_terms, len(variables), num_records, l2_norm_clip, groups)
+        sq_terms, len(variables), num_records, l2_norm_clip, groups
+    )
 
     grad_sum: List[Optional[tf.Tensor]] = [None] * len(variables)
 
@@ -400,8 +389,8 @@ def ghost_clipped_gradients(
             with tape:
                 weighted = tf.reduce_sum(losses * weights)
             grads = tape.gradient(
-                weighted, [taps[n].weight_read for n in ns],
-                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                weighted, [taps[n].weight_read for n in ns], unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
             for n, gr in zip(ns, grads):
                 add(taps[n].var_index, tf.convert_to_tensor(gr))
     else:
@@ -420,10 +409,7 @@ def ghost_clipped_gradients(
         add(i, tf.tensordot(factors[assignment[i]], j, axes=[[0], [0]]))
     del tape
 
-    result = [
-        g if g is not None else tf.zeros(v.shape, tf.float32)
-        for g, v in zip(grad_sum, tf_vars)
-    ]
+    result = [g if g is not None else tf.zeros(v.shape, tf.float32) for g, v in zip(grad_sum, tf_vars)]
     return clipping.ClippedGradients(result, norms, num_records)
 
 
@@ -432,18 +418,26 @@ def bookkeeping_clipped_gradients(
 ):
     """``"ghost"``: book-keeping ghost clipping (single backward pass)."""
     return ghost_clipped_gradients(
-        model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches,
-        mode="bookkeeping", groups=groups,
+        model,
+        per_example_loss_fn,
+        variables,
+        l2_norm_clip,
+        num_microbatches,
+        mode="bookkeeping",
+        groups=groups,
     )
 
 
-def two_pass_clipped_gradients(
-    model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches=None, groups=None
-):
+def two_pass_clipped_gradients(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches=None, groups=None):
     """``"ghost_two_pass"``: norms first, then re-weighted backward pass(es)."""
     return ghost_clipped_gradients(
-        model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches,
-        mode="two_pass", groups=groups,
+        model,
+        per_example_loss_fn,
+        variables,
+        l2_norm_clip,
+        num_microbatches,
+        mode="two_pass",
+        groups=groups,
     )
 
 

@@ -261,11 +261,7 @@ def _add_bias(layer, rec: Recorder, z: tf.Tensor, bias_var) -> tf.Tensor:
     z = z + b
     if idx is not None:
         z = rec.watch(z)
-        rec.add(
-            ReduceTap(
-                idx, z, _broadcast_reducer(len(z.shape), b.shape), _identity, b
-            )
-        )
+        rec.add(ReduceTap(idx, z, _broadcast_reducer(len(z.shape), b.shape), _identity, b))
     return z
 
 
@@ -325,15 +321,12 @@ def _dense_call(layer, rec: Recorder, original):
     def call(inputs, *args, **kwargs):
         x = inputs
         if not (
-            _plain_quantization(layer)
-            and isinstance(x, tf.Tensor)
-            and x.shape.rank is not None
-            and x.shape.rank >= 2
+            _plain_quantization(layer) and isinstance(x, tf.Tensor) and x.shape.rank is not None and x.shape.rank >= 2
         ):
             return original(inputs, *args, **kwargs)
         rank = x.shape.rank
         letters = _unused_letters("", rank + 1)
-        eq = f"{letters[:rank]},{letters[rank - 1]}{letters[rank]}->{letters[:rank - 1]}{letters[rank]}"
+        eq = f"{letters[:rank]},{letters[rank - 1]}{letters[rank]}->{letters[: rank - 1]}{letters[rank]}"
         if not _lora_ok(layer, eq):
             return original(inputs, *args, **kwargs)
         z = _linear_with_lora(layer, rec, x, eq, layer._kernel)
@@ -346,11 +339,7 @@ def _dense_call(layer, rec: Recorder, original):
 def _einsum_dense_call(layer, rec: Recorder, original):
     def call(inputs, *args, **kwargs):
         x = inputs
-        if not (
-            _plain_quantization(layer)
-            and isinstance(x, tf.Tensor)
-            and x.shape.rank is not None
-        ):
+        if not (_plain_quantization(layer) and isinstance(x, tf.Tensor) and x.shape.rank is not None):
             return original(inputs, *args, **kwargs)
         eq = expand_ellipsis(layer.equation, x.shape.rank)
         if eq is None or not einsum_supported(eq) or not _lora_ok(layer, eq):
@@ -396,7 +385,7 @@ def _embedding_call(layer, rec: Recorder, original):
                 rec.add(GatherTap(a_idx, ids, u, int(a.shape[0]), a))
             rank = ids.shape.rank
             letters = _unused_letters("", rank + 2)
-            eq = f"{letters[:rank + 1]},{letters[rank]}{letters[rank + 1]}->{letters[:rank]}{letters[rank + 1]}"
+            eq = f"{letters[: rank + 1]},{letters[rank]}{letters[rank + 1]}->{letters[:rank]}{letters[rank + 1]}"
             sb = tf.cast(bmat, dtype) * tf.cast(scale, dtype)
             v = tf.einsum(eq, u, sb)
             b_idx = rec.index_of(layer.lora_embeddings_b)

@@ -42,6 +42,7 @@ import tensorflow as tf
 
 from ewtune_tf.mechanism import tf_privacy
 
+
 def draw_secret() -> int:
     """A fresh 63-bit secret from the OS entropy pool."""
     return secrets.randbits(63)
@@ -52,9 +53,7 @@ def check_noise_multiplier(noise_multiplier) -> float:
     try:
         s = float(noise_multiplier)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"noise_multiplier must be a finite number >= 0; got {noise_multiplier!r}."
-        ) from None
+        raise ValueError(f"noise_multiplier must be a finite number >= 0; got {noise_multiplier!r}.") from None
     if not (s >= 0 and math.isfinite(s)):
         raise ValueError(f"noise_multiplier must be a finite number >= 0; got {noise_multiplier!r}.")
     return s
@@ -65,10 +64,7 @@ def noise_stddev(l2_norm_clip: float, noise_multiplier: float, num_replicas: int
     if noise_multiplier == 0:
         return 0.0  # Also covers C = inf with sigma = 0 (0 * inf is NaN).
     if not math.isfinite(l2_norm_clip):
-        raise ValueError(
-            "l2_norm_clip=inf with noise_multiplier > 0 gives infinite noise; "
-            "use a finite l2_norm_clip."
-        )
+        raise ValueError("l2_norm_clip=inf with noise_multiplier > 0 gives infinite noise; use a finite l2_norm_clip.")
     return noise_multiplier * l2_norm_clip / math.sqrt(num_replicas)
 
 
@@ -95,7 +91,7 @@ class SeededGaussianSumQuery(tf_privacy.GaussianSumQuery):
         # Accounting is done by ewtune_tf.accounting from the optimizer's
         # privacy state (sigma, q, steps), not from DpEvents; a per-replica
         # query's event (sigma / sqrt(R)) would mislead, so we return none.
-        from dp_accounting import dp_event  # noqa: PLC0415 (TF Privacy dep)
+        from dp_accounting import dp_event
 
         event = dp_event.UnsupportedDpEvent()
         return result, global_state, event
@@ -172,26 +168,42 @@ def adaptive_sum_noise_multiplier(noise_multiplier: float, clipped_count_stddev:
             f"clipped_count_stddev must be > noise_multiplier / 2 = {s / 2:.4g} for adaptive "
             f"clipping (the count query would use more than the whole budget); got {b}."
         )
-    return (s ** -2 - (2 * b) ** -2) ** -0.5
+    return (s**-2 - (2 * b) ** -2) ** -0.5
 
 
 class SeededQuantileAdaptiveClipSumQuery(tf_privacy.QuantileAdaptiveClipSumQuery):
     """QuantileAdaptiveClipSumQuery with both Gaussian noises from stateless
     seeds (see module docstring: noise must not follow TF's global seed)."""
 
-    def __init__(self, initial_l2_norm_clip, noise_multiplier, target_unclipped_quantile,
-                 learning_rate, clipped_count_stddev, expected_num_records, seed):
-        super().__init__(initial_l2_norm_clip, noise_multiplier, target_unclipped_quantile,
-                         learning_rate, clipped_count_stddev, expected_num_records,
-                         geometric_update=True)
+    def __init__(
+        self,
+        initial_l2_norm_clip,
+        noise_multiplier,
+        target_unclipped_quantile,
+        learning_rate,
+        clipped_count_stddev,
+        expected_num_records,
+        seed,
+    ):
+        super().__init__(
+            initial_l2_norm_clip,
+            noise_multiplier,
+            target_unclipped_quantile,
+            learning_rate,
+            clipped_count_stddev,
+            expected_num_records,
+            geometric_update=True,
+        )
         try:
             below = self._quantile_estimator_query._below_estimate_query
             old = below._numerator
             below._numerator = SeededGaussianSumQuery(
-                old._l2_norm_clip, old._stddev, tf.random.experimental.stateless_fold_in(seed, 1))
+                old._l2_norm_clip, old._stddev, tf.random.experimental.stateless_fold_in(seed, 1)
+            )
             old_sum = self._sum_query
             self._sum_query = SeededGaussianSumQuery(
-                old_sum._l2_norm_clip, old_sum._stddev, tf.random.experimental.stateless_fold_in(seed, 0))
+                old_sum._l2_norm_clip, old_sum._stddev, tf.random.experimental.stateless_fold_in(seed, 0)
+            )
         except AttributeError as e:  # pragma: no cover - other TF Privacy versions
             raise ValueError(
                 "adaptive clipping needs tensorflow-privacy 0.9.x (QuantileAdaptiveClipSumQuery "
@@ -218,8 +230,14 @@ def add_gaussian_noise_adaptive(
     """
     sigma_sum = adaptive_sum_noise_multiplier(noise_multiplier, clipped_count_stddev)
     query = SeededQuantileAdaptiveClipSumQuery(
-        tf.cast(l2_norm_clip, tf.float32), sigma_sum, target_unclipped_quantile,
-        learning_rate, clipped_count_stddev, expected_records, seed)
+        tf.cast(l2_norm_clip, tf.float32),
+        sigma_sum,
+        target_unclipped_quantile,
+        learning_rate,
+        clipped_count_stddev,
+        expected_records,
+        seed,
+    )
     template = [tf.cast(g, tf.float32) for g in clipped_sum]
     global_state = query.initial_global_state()
     sample_state = query.initial_sample_state(template)

@@ -48,9 +48,7 @@ def check_num_microbatches(num_microbatches: Optional[int], batch_size) -> None:
         )
 
 
-def group_into_microbatches(
-    per_example_losses: tf.Tensor, num_microbatches: Optional[int]
-) -> tf.Tensor:
+def group_into_microbatches(per_example_losses: tf.Tensor, num_microbatches: Optional[int]) -> tf.Tensor:
     """Maps a [batch] loss vector to a [num_records] vector of record losses.
 
     With ``num_microbatches=None`` this is the identity. Otherwise the batch is
@@ -66,8 +64,7 @@ def group_into_microbatches(
         tf.debugging.assert_equal(
             batch % num_microbatches,
             0,
-            message=f"num_microbatches={num_microbatches} must divide the "
-            "physical batch size",
+            message=f"num_microbatches={num_microbatches} must divide the physical batch size",
         )
     grouped = tf.reshape(per_example_losses, [num_microbatches, -1])
     return tf.reduce_mean(grouped, axis=1)

@@ -14,18 +14,16 @@ import sys
 # process; importing this module first is how the rest of the package does it.
 sys.skip_tf_privacy_import = True
 
-from tensorflow_privacy.privacy.dp_query import dp_query  # noqa: E402
-from tensorflow_privacy.privacy.dp_query import gaussian_query  # noqa: E402
 from tensorflow_privacy.privacy.dp_query import (  # noqa: E402
+    dp_query,
+    gaussian_query,
     quantile_adaptive_clip_sum_query,
 )
 
 DPQuery = dp_query.DPQuery
 SumAggregationDPQuery = dp_query.SumAggregationDPQuery
 GaussianSumQuery = gaussian_query.GaussianSumQuery
-QuantileAdaptiveClipSumQuery = (
-    quantile_adaptive_clip_sum_query.QuantileAdaptiveClipSumQuery
-)
+QuantileAdaptiveClipSumQuery = quantile_adaptive_clip_sum_query.QuantileAdaptiveClipSumQuery
 
 __all__ = [
     "DPQuery",

@@ -168,9 +168,7 @@ class GlueSplit:
         """The first ``n`` examples (all if ``n`` is None)."""
         if n is None or n >= len(self):
             return self
-        return dataclasses.replace(
-            self, texts=tuple(t[:n] for t in self.texts), labels=self.labels[:n]
-        )
+        return dataclasses.replace(self, texts=tuple(t[:n] for t in self.texts), labels=self.labels[:n])
 
     def to_dataset(self):
         """A ``tf.data.Dataset`` of ``({text_key: tf.string}, label)``."""
@@ -183,9 +181,7 @@ def get_task(name: str) -> GlueTask:
     """The task called ``name`` (case-insensitive; ``sst-2`` also works)."""
     key = str(name).lower().replace("-", "")
     if key not in TASKS:
-        raise ValueError(
-            f"--task must be one of {sorted(TASKS)}, got {name!r}."
-        )
+        raise ValueError(f"--task must be one of {sorted(TASKS)}, got {name!r}.")
     return TASKS[key]
 
 
@@ -241,18 +237,13 @@ def _canonical_split(spec: GlueTask, split: str) -> str:
     if spec.name == "mnli" and split == "validation_mismatched":
         split = "dev_mismatched"
     if split not in spec.splits:
-        raise ValueError(
-            f"split for task {spec.name!r} must be one of {sorted(spec.splits)}, got {split!r}."
-        )
+        raise ValueError(f"split for task {spec.name!r} must be one of {sorted(spec.splits)}, got {split!r}.")
     return split
 
 
 def expected_files(spec: GlueTask, directory: str = "<glue_dir>") -> Sequence[str]:
     """The TSV paths a GLUE-layout directory must hold for ``spec``."""
-    return [
-        os.path.join(directory, spec.dir_name, f"{stem}.tsv")
-        for stem, _ in spec.splits.values()
-    ]
+    return [os.path.join(directory, spec.dir_name, f"{stem}.tsv") for stem, _ in spec.splits.values()]
 
 
 def _missing_data_message(spec: GlueTask, detail: str) -> str:
@@ -292,14 +283,13 @@ def read_glue_tsv(path: str, spec: GlueTask) -> Tuple[Tuple[np.ndarray, ...], np
         try:
             header = next(reader)
         except StopIteration:
-            raise GlueDataError(f"{path} is empty; expected a GLUE TSV with a header row.")
+            raise GlueDataError(f"{path} is empty; expected a GLUE TSV with a header row.") from None
         header = [h.strip() for h in header]
         wanted = list(spec.tsv_text_columns) + [spec.tsv_label_column]
         missing = [c for c in wanted if c not in header]
         if missing:
             raise GlueDataError(
-                f"{path} lacks the column(s) {missing} of the GLUE {spec.dir_name} "
-                f"layout (header is {header})."
+                f"{path} lacks the column(s) {missing} of the GLUE {spec.dir_name} layout (header is {header})."
             )
         text_idx = [header.index(c) for c in spec.tsv_text_columns]
         label_idx = header.index(spec.tsv_label_column)

@@ -23,8 +23,7 @@ MARKER = "ewtune_legacy_bert_names"
 
 
 def is_hf_checkpoint(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, f))
-               for f in ("config.json", "vocab.txt", "model.safetensors"))
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "vocab.txt", "model.safetensors"))
 
 
 def legacy_names(tensors: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -45,14 +44,14 @@ def legacy_bert_checkpoint(path: str, out_dir: str) -> str:
     from safetensors.numpy import load_file, save_file
 
     if not is_hf_checkpoint(path):
-        raise ValueError(f"{path} is not a Hugging Face BERT checkpoint "
-                         "(config.json, vocab.txt, model.safetensors)")
+        raise ValueError(f"{path} is not a Hugging Face BERT checkpoint (config.json, vocab.txt, model.safetensors)")
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(path):
         src = os.path.join(path, name)
         if os.path.isfile(src) and name != "model.safetensors":
             shutil.copy2(src, os.path.join(out_dir, name))
-    save_file(legacy_names(load_file(os.path.join(path, "model.safetensors"))),
-              os.path.join(out_dir, "model.safetensors"))
+    save_file(
+        legacy_names(load_file(os.path.join(path, "model.safetensors"))), os.path.join(out_dir, "model.safetensors")
+    )
     open(os.path.join(out_dir, MARKER), "w").close()
     return out_dir

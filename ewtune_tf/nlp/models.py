@@ -72,8 +72,7 @@ def minilm_dir() -> str:
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
-            f"The {MINILM_PACKAGE} package at {path} has no model/config.json; "
-            f"reinstall it with `{MINILM_PIP}`."
+            f"The {MINILM_PACKAGE} package at {path} has no model/config.json; reinstall it with `{MINILM_PIP}`."
         )
     return path
 
@@ -100,9 +99,7 @@ def resolve_model(model: str) -> str:
         return minilm_dir()
     if os.path.isdir(model):
         path = os.path.abspath(model)
-        hf = os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
-            os.path.join(path, "vocab.txt")
-        )
+        hf = os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vocab.txt"))
         keras_preset = os.path.isfile(os.path.join(path, "metadata.json"))
         if not (hf or keras_preset):
             raise ValueError(
@@ -182,9 +179,7 @@ def build_classifier(
     backbone = _load_backbone(preset, load_weights)
     max_len = int(backbone.get_config()["max_sequence_length"])
     if not 8 <= int(sequence_length) <= max_len:
-        raise ValueError(
-            f"--sequence_length must be in [8, {max_len}] for this model, got {sequence_length}."
-        )
+        raise ValueError(f"--sequence_length must be in [8, {max_len}] for this model, got {sequence_length}.")
     if dropout is not None and float(dropout) != float(backbone.get_config()["dropout"]):
         # Rebuild from the config with the new rate and copy the weights:
         # this works on every KerasHub version (from_preset's kwargs
@@ -195,9 +190,7 @@ def build_classifier(
         backbone = rebuilt
     # The tokenizer reads only vocab.txt/tokenizer config: the original preset works.
     tokenizer = keras_hub.models.BertTokenizer.from_preset(preset)
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
-        tokenizer, sequence_length=int(sequence_length)
-    )
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=int(sequence_length))
     if pooling == "mean":
         from ewtune_tf.nlp.classifier import BertMeanPoolingClassifier
 
@@ -247,7 +240,7 @@ def _load_backbone(preset: str, load_weights: bool):
 
     try:
         return keras_hub.models.BertBackbone.from_preset(preset, load_weights=load_weights)
-    except Exception as err:  # noqa: BLE001 -- re-raised unless it is the naming issue.
+    except Exception as err:
         if "does not contain tensor bert." not in str(err) or not hf_compat.is_hf_checkpoint(preset):
             raise
     # Weights are in memory once built, so the renamed copy can go right away.
@@ -402,9 +395,12 @@ def save_tiny_bert_preset(
             "plays well nobody things weather here thing question"
         ).split()
         chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-():;")
-        vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [
-            "##" + c for c in "abcdefghijklmnopqrstuvwxyz"
-        ] + [w for w in words if w not in chars]
+        vocabulary = (
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            + chars
+            + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+            + [w for w in words if w not in chars]
+        )
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=len(vocabulary),

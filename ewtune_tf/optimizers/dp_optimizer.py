@@ -162,9 +162,7 @@ class EWTuneOptimizerMixin:
 
         self.dp_steps = var("dp_steps", 0, "int64")
         self.dp_noise_multiplier = var("dp_noise_multiplier", cfg.noise_multiplier, "float64")
-        self.dp_sampling_probability = var(
-            "dp_sampling_probability", _unknown(cfg.sampling_probability), "float64"
-        )
+        self.dp_sampling_probability = var("dp_sampling_probability", _unknown(cfg.sampling_probability), "float64")
         self.dp_delta = var("dp_delta", _unknown(cfg.delta), "float64")
         clip = cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0
         self.dp_l2_norm_clip = var("dp_l2_norm_clip", clip, "float64")
@@ -173,7 +171,8 @@ class EWTuneOptimizerMixin:
         self.dp_epsilon_estimate = var("dp_epsilon_estimate", -1.0, "float64")
         # Current clip of adaptive clipping (= l2_norm_clip when fixed).
         self.dp_adaptive_clip = var(
-            "dp_adaptive_clip", cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0, "float32")
+            "dp_adaptive_clip", cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0, "float32"
+        )
 
     def current_l2_norm_clip(self):
         """The clip to use now: a float (fixed) or a float32 tensor (adaptive)."""
@@ -236,30 +235,40 @@ class EWTuneOptimizerMixin:
     def _state_asserts(self) -> list:
         cfg = self._privacy
         clip = cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0
-        msg = ("Restored privacy state differs from the optimizer's configuration "
-               "(checkpoint from a different privacy configuration): ")
+        msg = (
+            "Restored privacy state differs from the optimizer's configuration "
+            "(checkpoint from a different privacy configuration): "
+        )
         ops = [
             tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.dp_noise_multiplier), tf.constant(cfg.noise_multiplier, tf.float64),
-                message=msg + "noise_multiplier"),
+                tf.convert_to_tensor(self.dp_noise_multiplier),
+                tf.constant(cfg.noise_multiplier, tf.float64),
+                message=msg + "noise_multiplier",
+            ),
             tf.debugging.assert_equal(
                 tf.convert_to_tensor(self.dp_sampling_probability),
                 tf.constant(_unknown(cfg.sampling_probability), tf.float64),
-                message=msg + "sampling_probability"),
+                message=msg + "sampling_probability",
+            ),
             tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.dp_delta), tf.constant(_unknown(cfg.delta), tf.float64),
-                message=msg + "delta"),
+                tf.convert_to_tensor(self.dp_delta), tf.constant(_unknown(cfg.delta), tf.float64), message=msg + "delta"
+            ),
             tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.dp_l2_norm_clip), tf.constant(clip, tf.float64),
-                message=msg + "l2_norm_clip"),
+                tf.convert_to_tensor(self.dp_l2_norm_clip), tf.constant(clip, tf.float64), message=msg + "l2_norm_clip"
+            ),
         ]
         steps = tf.convert_to_tensor(self.dp_steps)
         max_steps = tf.convert_to_tensor(self.dp_max_steps)
         ops.append(
             tf.debugging.Assert(
                 tf.logical_or(max_steps < 0, steps < max_steps),
-                ["Privacy budget exhausted: dp_steps =", steps, ">= dp_max_steps =", max_steps,
-                 "; no further private step is allowed."],
+                [
+                    "Privacy budget exhausted: dp_steps =",
+                    steps,
+                    ">= dp_max_steps =",
+                    max_steps,
+                    "; no further private step is allowed.",
+                ],
             )
         )
         return ops
@@ -333,8 +342,10 @@ class EWTuneOptimizerMixin:
         # every weight; refuse it before anything is applied.
         finite = [
             tf.debugging.assert_all_finite(
-                g, "Non-finite gradients in the private step (a per-example loss "
-                "or gradient is NaN/inf); no update was applied.")
+                g,
+                "Non-finite gradients in the private step (a per-example loss "
+                "or gradient is NaN/inf); no update was applied.",
+            )
             for g in clipped_sum
         ]
         with tf.control_dependencies(self._state_asserts() + finite):
@@ -345,7 +356,8 @@ class EWTuneOptimizerMixin:
             if num_replicas > 1:
                 raise ValueError(
                     "target_unclipped_quantile (adaptive clipping) supports a single replica "
-                    f"only; this strategy has {num_replicas}. Use a fixed l2_norm_clip.")
+                    f"only; this strategy has {num_replicas}. Use a fixed l2_norm_clip."
+                )
             if centered_unclipped_count is None:
                 raise ValueError("adaptive clipping needs the centered unclipped count from the train step.")
             noised, new_clip = noise_lib.add_gaussian_noise_adaptive(
@@ -416,8 +428,7 @@ def make_ewtune_optimizer(keras_optimizer_class: Type[keras.optimizers.Optimizer
     """
     if isinstance(keras_optimizer_class, type) and issubclass(keras_optimizer_class, EWTuneOptimizerMixin):
         return keras_optimizer_class
-    if not (isinstance(keras_optimizer_class, type)
-            and issubclass(keras_optimizer_class, keras.optimizers.Optimizer)):
+    if not (isinstance(keras_optimizer_class, type) and issubclass(keras_optimizer_class, keras.optimizers.Optimizer)):
         raise ValueError(
             "keras_optimizer_class must be a Keras 3 optimizer class (a subclass of "
             f"keras.optimizers.Optimizer); got {keras_optimizer_class!r}."
@@ -430,8 +441,7 @@ def make_ewtune_optimizer(keras_optimizer_class: Type[keras.optimizers.Optimizer
         (EWTuneOptimizerMixin, keras_optimizer_class),
         {
             "__doc__": (
-                f"Differentially private {keras_optimizer_class.__name__} "
-                "(see ewtune_tf.optimizers.dp_optimizer)."
+                f"Differentially private {keras_optimizer_class.__name__} (see ewtune_tf.optimizers.dp_optimizer)."
             ),
             "__module__": __name__,
         },

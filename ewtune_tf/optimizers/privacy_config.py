@@ -115,9 +115,11 @@ def check_clip_group_spec(clip_groups) -> Optional[Tuple[Tuple[str, float], ...]
     """Validates ``clip_groups`` (see :class:`PrivacyConfig`); None passes."""
     if clip_groups is None:
         return None
-    msg = ("clip_groups must be None or a non-empty sequence of (pattern, share) pairs: "
-           "pattern a regular expression over variable paths, share in (0, 1], "
-           "shares summing to <= 1")
+    msg = (
+        "clip_groups must be None or a non-empty sequence of (pattern, share) pairs: "
+        "pattern a regular expression over variable paths, share in (0, 1], "
+        "shares summing to <= 1"
+    )
     if isinstance(clip_groups, (str, bytes)) or not isinstance(clip_groups, Sequence) or not clip_groups:
         raise ValueError(f"{msg}; got {clip_groups!r}.")
     out = []
@@ -164,16 +166,19 @@ def resolve_clip_groups(
         if i not in assignment:
             raise ValueError(
                 f"clip_groups: pattern {pattern!r} matches no trainable variable "
-                f"(paths: {list(variable_paths)[:8]}{' ...' if len(variable_paths) > 8 else ''}).")
+                f"(paths: {list(variable_paths)[:8]}{' ...' if len(variable_paths) > 8 else ''})."
+            )
     unmatched = [p for p, a in zip(variable_paths, assignment) if a == len(compiled)]
     if unmatched and rest == 0.0:
         raise ValueError(
             f"clip_groups: the shares sum to 1 but {len(unmatched)} trainable variable(s) match "
-            f"no pattern (e.g. {unmatched[0]!r}); lower a share to leave them a budget.")
+            f"no pattern (e.g. {unmatched[0]!r}); lower a share to leave them a budget."
+        )
     if not unmatched and rest > 0.0:
         raise ValueError(
             f"clip_groups: every trainable variable matches a pattern, so the remaining share "
-            f"{rest:.6g} of the clip budget would be unused; make the shares sum to 1.")
+            f"{rest:.6g} of the clip budget would be unused; make the shares sum to 1."
+        )
     if unmatched:
         shares.append(rest)
     total = sum(shares)  # exactly 1 up to round-off; renormalize for the check.
@@ -213,9 +218,7 @@ def resolve_privacy_config(
     c = clipping_lib.check_l2_norm_clip(l2_norm_clip)
     per_example.check_num_microbatches(num_microbatches, None)
     if not isinstance(clipping, str) or clipping not in clipping_lib.available_clipping_impls():
-        raise ValueError(
-            f"clipping must be one of {clipping_lib.available_clipping_impls()}; got {clipping!r}."
-        )
+        raise ValueError(f"clipping must be one of {clipping_lib.available_clipping_impls()}; got {clipping!r}.")
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}; got {sampling!r}.")
     if not isinstance(certify, bool):
@@ -224,14 +227,12 @@ def resolve_privacy_config(
         raise ValueError(f"noise_seed must be None or an integer; got {noise_seed!r}.")
     if noise_multiplier_source not in (None, "given", "calibrated"):
         raise ValueError(
-            "noise_multiplier_source must be None, 'given' or 'calibrated'; "
-            f"got {noise_multiplier_source!r}."
+            f"noise_multiplier_source must be None, 'given' or 'calibrated'; got {noise_multiplier_source!r}."
         )
 
     n = _check_positive_int("num_examples", num_examples) if num_examples is not None else None
     if batch_size is not None:
-        b = _check_float("batch_size", batch_size, 0.0, float(n) if n else math.inf,
-                         lo_open=True, hi_open=n is None)
+        b = _check_float("batch_size", batch_size, 0.0, float(n) if n else math.inf, lo_open=True, hi_open=n is None)
     else:
         b = None
     e = _check_float("epochs", epochs, 0.0, math.inf) if epochs is not None else None
@@ -264,8 +265,7 @@ def resolve_privacy_config(
     eps = None
     if target_epsilon is not None:
         eps = _check_float("target_epsilon", target_epsilon, 0.0, math.inf)
-        missing = [k for k, v in dict(target_delta=d, num_examples=n, batch_size=b, epochs=e).items()
-                   if v is None]
+        missing = [k for k, v in dict(target_delta=d, num_examples=n, batch_size=b, epochs=e).items() if v is None]
         if missing:
             raise ValueError(
                 f"target_epsilon={eps} needs {', '.join(missing)} to calibrate the "
@@ -276,11 +276,17 @@ def resolve_privacy_config(
         sigma = noise_lib.check_noise_multiplier(noise_multiplier)
         source = "calibrated" if calibrated else "given"
     else:
-        from ewtune_tf import accounting  # noqa: PLC0415 (lands in parallel)
+        from ewtune_tf import accounting
 
         result = accounting.calibrate_noise_multiplier(
-            eps, d, num_examples=n, batch_size=int(round(b)) if float(b).is_integer() else b,
-            epochs=e, method=accountant_method, order=accountant_order, certify=certify,
+            eps,
+            d,
+            num_examples=n,
+            batch_size=int(round(b)) if float(b).is_integer() else b,
+            epochs=e,
+            method=accountant_method,
+            order=accountant_order,
+            certify=certify,
         )
         sigma = float(result.noise_multiplier)
         q = float(result.sampling_probability)
@@ -307,7 +313,8 @@ def resolve_privacy_config(
     if groups is not None and target_unclipped_quantile is not None:
         raise ValueError(
             "clip_groups (group-wise clipping) cannot be combined with "
-            "target_unclipped_quantile (adaptive clipping); use one of them.")
+            "target_unclipped_quantile (adaptive clipping); use one of them."
+        )
     tq = cc = None
     lr = _check_float("clip_learning_rate", clip_learning_rate, 0.0, math.inf)
     if target_unclipped_quantile is not None:
@@ -318,7 +325,8 @@ def resolve_privacy_config(
             if b is None:
                 raise ValueError(
                     "clipped_count_stddev (> 0, records) is required for adaptive clipping "
-                    "when batch_size (the expected batch size) is unknown.")
+                    "when batch_size (the expected batch size) is unknown."
+                )
             clipped_count_stddev = b / 20.0
         cc = _check_float("clipped_count_stddev", clipped_count_stddev, 0.0, math.inf)
         noise_lib.adaptive_sum_noise_multiplier(sigma, cc)  # ValueError if too small

@@ -17,35 +17,52 @@ from ewtune_tf.accounting import calibrate_noise_multiplier as _calibrate
 from ewtune_tf.accounting import compute_epsilon
 
 
-def calibrate_noise_multiplier(target_epsilon: float, sampling_probability: float, steps: int,
-                               delta: float, method: str = "edgeworth") -> float:
+def calibrate_noise_multiplier(
+    target_epsilon: float, sampling_probability: float, steps: int, delta: float, method: str = "edgeworth"
+) -> float:
     """Smallest sigma whose *certified* epsilon after `steps` steps is <= target.
 
     Raises:
       ValueError: bad arguments, or the target cannot be certified.
     """
-    result = _calibrate(target_epsilon, delta, sampling_probability=sampling_probability,
-                        steps=steps, method=method, certify=True)
+    result = _calibrate(
+        target_epsilon, delta, sampling_probability=sampling_probability, steps=steps, method=method, certify=True
+    )
     if not result.certified:
         raise ValueError(
             f"could not certify epsilon={target_epsilon} at delta={delta} "
-            f"(q={sampling_probability}, steps={steps}); refusing to train")
+            f"(q={sampling_probability}, steps={steps}); refusing to train"
+        )
     return float(result.noise_multiplier)
 
 
-def privacy_report(*, target_epsilon: float, delta: float, noise_multiplier: float,
-                   sampling_probability: float, steps: int, dataset_size: int,
-                   batch_size: int, l2_norm_clip: float, sampling: str,
-                   method: str = "edgeworth",
-                   extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def privacy_report(
+    *,
+    target_epsilon: float,
+    delta: float,
+    noise_multiplier: float,
+    sampling_probability: float,
+    steps: int,
+    dataset_size: int,
+    batch_size: int,
+    l2_norm_clip: float,
+    sampling: str,
+    method: str = "edgeworth",
+    extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
     """The privacy report (JSON-serialisable) of a finished run.
 
     Accounts for the steps actually run. ``epsilon`` is the certified value,
     the one to trust and to gate on.
     """
-    result = compute_epsilon(sampling_probability=sampling_probability,
-                             noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-                             method=method, certify=True)
+    result = compute_epsilon(
+        sampling_probability=sampling_probability,
+        noise_multiplier=noise_multiplier,
+        steps=steps,
+        delta=delta,
+        method=method,
+        certify=True,
+    )
     if not result.certified:
         raise ValueError("the accountant could not certify this run's epsilon")
     report: Dict[str, Any] = {

@@ -1,24 +1,26 @@
 """TFX components: the privacy report and the privacy-budget gate.
 
-  PrivacyReportGen(model) -> privacy_report: PrivacyReport
-      Reads the report the private Trainer wrote next to its SavedModel and
-      records it, with typed properties, in ML Metadata.
-  PrivacyGate(privacy_report, epsilon_budget) -> blessing: ModelBlessing
-      Blesses the model only when its *certified* epsilon is <= the budget
-      (and the report says it is certified). The standard Pusher reads the
-      blessing's ``blessed`` custom property (1 = push) when it is given
-      ``model_blessing=gate.outputs['blessing']``; a refused model is not
-      pushed.
+PrivacyReportGen(model) -> privacy_report: PrivacyReport
+    Reads the report the private Trainer wrote next to its SavedModel and
+    records it, with typed properties, in ML Metadata.
+PrivacyGate(privacy_report, epsilon_budget) -> blessing: ModelBlessing
+    Blesses the model only when its *certified* epsilon is <= the budget
+    (and the report says it is certified). The standard Pusher reads the
+    blessing's ``blessed`` custom property (1 = push) when it is given
+    ``model_blessing=gate.outputs['blessing']``; a refused model is not
+    pushed.
 """
 
 import json
 import math
 import os
+
 from tfx import v1 as tfx
 from tfx.types import standard_artifacts
 
 from ewtune_tf.tfx.artifacts import REPORT_FILE, PrivacyReport
-from ewtune_tf.tfx.gate import gate_decision, report_float as _float
+from ewtune_tf.tfx.gate import gate_decision
+from ewtune_tf.tfx.gate import report_float as _float
 from ewtune_tf.tfx.trainer_module import find_privacy_report
 
 # What tfx.components.util.model_utils.is_model_blessed() reads, and the
@@ -77,5 +79,4 @@ def PrivacyGate(
     blessing.set_float_custom_property("certified_epsilon", certified)
     blessing.set_float_custom_property("epsilon_budget", float(epsilon_budget))
     blessing.set_string_custom_property("reason", reason)
-    print(f"[ewtune_tf.tfx] PrivacyGate: {'BLESSED' if passed else 'NOT BLESSED'}: {reason}",
-          flush=True)
+    print(f"[ewtune_tf.tfx] PrivacyGate: {'BLESSED' if passed else 'NOT BLESSED'}: {reason}", flush=True)

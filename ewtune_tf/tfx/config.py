@@ -21,8 +21,15 @@ def _key(name: str) -> str:
     return f"custom_config[{name!r}]"
 
 
-def _real(config: Mapping[str, Any], name: str, default: Any, low: float, high: float,
-          low_open: bool = True, high_open: bool = False) -> Optional[float]:
+def _real(
+    config: Mapping[str, Any],
+    name: str,
+    default: Any,
+    low: float,
+    high: float,
+    low_open: bool = True,
+    high_open: bool = False,
+) -> Optional[float]:
     value = config.get(name, default)
     if value is None:
         return None
@@ -37,8 +44,7 @@ def _real(config: Mapping[str, Any], name: str, default: Any, low: float, high: 
     return float(value)
 
 
-def _int(config: Mapping[str, Any], name: str, default: Any, low: int,
-         high: int = 2**31 - 1) -> Optional[int]:
+def _int(config: Mapping[str, Any], name: str, default: Any, low: int, high: int = 2**31 - 1) -> Optional[int]:
     value = config.get(name, default)
     if value is None:
         return None
@@ -130,19 +136,20 @@ def parse_custom_config(custom_config: Optional[Mapping[str, Any]]) -> PrivateTr
     config = dict(custom_config or {})
     unknown = sorted(set(config) - _FIELDS)
     if unknown:
-        raise ValueError(
-            f"unknown custom_config key(s) {unknown}; allowed keys: {sorted(_FIELDS)}")
+        raise ValueError(f"unknown custom_config key(s) {unknown}; allowed keys: {sorted(_FIELDS)}")
     d = PrivateTrainerConfig()
     sampling = _str(config, "sampling", d.sampling)
     if sampling not in SUPPORTED_SAMPLING:
         raise ValueError(
             f"{_key('sampling')} must be one of {SUPPORTED_SAMPLING} (the accountant "
-            f"certifies Poisson subsampling only), got {sampling!r}")
+            f"certifies Poisson subsampling only), got {sampling!r}"
+        )
     accountant = _str(config, "accountant", d.accountant)
     if accountant not in ("edgeworth", "tilted"):
         raise ValueError(
             f"{_key('accountant')} must be 'edgeworth' or 'tilted' (the analytic estimate "
-            f"reported next to the certified PLD bound), got {accountant!r}")
+            f"reported next to the certified PLD bound), got {accountant!r}"
+        )
     parsed = PrivateTrainerConfig(
         epsilon=_real(config, "epsilon", d.epsilon, 0.0, 1e4),
         delta=_real(config, "delta", d.delta, 0.0, 1.0, high_open=True),

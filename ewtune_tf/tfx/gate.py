@@ -22,8 +22,12 @@ def certified_epsilon(report: Mapping[str, Any]) -> float:
 
 
 def check_budget(epsilon_budget: Any) -> float:
-    if (isinstance(epsilon_budget, bool) or not isinstance(epsilon_budget, (int, float))
-            or not math.isfinite(epsilon_budget) or epsilon_budget <= 0):
+    if (
+        isinstance(epsilon_budget, bool)
+        or not isinstance(epsilon_budget, (int, float))
+        or not math.isfinite(epsilon_budget)
+        or epsilon_budget <= 0
+    ):
         raise ValueError(f"epsilon_budget must be a finite number > 0, got {epsilon_budget!r}")
     return float(epsilon_budget)
 

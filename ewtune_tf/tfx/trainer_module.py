@@ -42,7 +42,8 @@ def find_privacy_report(model_uri: str) -> str:
             return path
     raise FileNotFoundError(
         f"no {PRIVACY_REPORT} in model artifact {model_uri} (looked at {candidates}); "
-        "was the model trained by ewtune_tf.tfx.trainer_module.run_fn?")
+        "was the model trained by ewtune_tf.tfx.trainer_module.run_fn?"
+    )
 
 
 def _schema(config: PrivateTrainerConfig, schema_path: Optional[str]):
@@ -51,10 +52,10 @@ def _schema(config: PrivateTrainerConfig, schema_path: Optional[str]):
 
     if schema_path:
         from tfx.utils import io_utils
+
         return io_utils.parse_pbtxt_file(schema_path, schema_pb2.Schema())
     schema = schema_pb2.Schema()
-    for name, kind in ((config.text_feature, schema_pb2.BYTES),
-                       (config.label_feature, schema_pb2.INT)):
+    for name, kind in ((config.text_feature, schema_pb2.BYTES), (config.label_feature, schema_pb2.INT)):
         feature = schema.feature.add(name=name, type=kind)
         # Present in every example, exactly one value: decoded as dense [batch, 1].
         feature.presence.min_fraction = 1.0
@@ -74,15 +75,16 @@ def read_examples(fn_args, file_pattern: List[str], config: PrivateTrainerConfig
     schema = _schema(config, getattr(fn_args, "schema_path", None))
     wanted = (config.text_feature, config.label_feature)
     dataset = fn_args.data_accessor.tf_dataset_factory(
-        file_pattern, TensorFlowDatasetOptions(batch_size=1024, num_epochs=1, shuffle=False),
-        schema)
+        file_pattern, TensorFlowDatasetOptions(batch_size=1024, num_epochs=1, shuffle=False), schema
+    )
     columns: Dict[str, list] = {k: [] for k in wanted}
     for batch in dataset.as_numpy_iterator():
         for key in wanted:
             if key not in batch:
                 raise ValueError(
                     f"Examples have no feature {key!r} (features: {sorted(batch)}); set "
-                    "custom_config['text_feature'] / custom_config['label_feature']")
+                    "custom_config['text_feature'] / custom_config['label_feature']"
+                )
             columns[key].append(np.asarray(batch[key]).reshape(-1))
     return {k: (np.concatenate(v) if v else np.zeros([0])) for k, v in columns.items()}
 
@@ -114,10 +116,12 @@ def run_fn(fn_args) -> None:
     if fn_args.train_steps and config.max_steps is None:
         # TrainArgs(num_steps=...) caps the run like custom_config['max_steps'].
         steps = min(steps, int(fn_args.train_steps))
-    sigma = accounting.calibrate_noise_multiplier(config.epsilon, q, steps, config.delta,
-                                                  method=config.accountant)
-    print(f"[ewtune_tf.tfx] N={n} q={q:.5g} steps={steps} sigma={sigma:.5g} "
-          f"(certified eps <= {config.epsilon}, delta={config.delta})", flush=True)
+    sigma = accounting.calibrate_noise_multiplier(config.epsilon, q, steps, config.delta, method=config.accountant)
+    print(
+        f"[ewtune_tf.tfx] N={n} q={q:.5g} steps={steps} sigma={sigma:.5g} "
+        f"(certified eps <= {config.epsilon}, delta={config.delta})",
+        flush=True,
+    )
 
     classifier = training.build_classifier(config)
     features = training.tokenize(classifier, texts)
@@ -134,27 +138,43 @@ def run_fn(fn_args) -> None:
         eval_texts, eval_labels = training.split_xy(eval_split, config)
         if eval_texts:
             metrics["eval_accuracy"] = training.accuracy(
-                classifier, training.tokenize(classifier, eval_texts), eval_labels)
+                classifier, training.tokenize(classifier, eval_texts), eval_labels
+            )
             metrics["eval_examples"] = len(eval_texts)
 
     report = accounting.privacy_report(
-        target_epsilon=config.epsilon, delta=config.delta, noise_multiplier=sigma,
-        sampling_probability=q, steps=steps, dataset_size=n, batch_size=config.batch_size,
-        l2_norm_clip=config.l2_norm_clip, sampling=config.sampling, method=config.accountant,
-        extra={"config": config.to_dict(), "versions": _versions(),
-               "train_loss": history["loss"], "poisson_sampling": history["sampling"]})
+        target_epsilon=config.epsilon,
+        delta=config.delta,
+        noise_multiplier=sigma,
+        sampling_probability=q,
+        steps=steps,
+        dataset_size=n,
+        batch_size=config.batch_size,
+        l2_norm_clip=config.l2_norm_clip,
+        sampling=config.sampling,
+        method=config.accountant,
+        extra={
+            "config": config.to_dict(),
+            "versions": _versions(),
+            "train_loss": history["loss"],
+            "poisson_sampling": history["sampling"],
+        },
+    )
     if report["certified_epsilon"] > config.epsilon * (1 + 1e-9):
         # Calibration certified the planned steps; this only triggers if more
         # steps ran than planned. An over-target model must not be exported.
-        raise RuntimeError(f"certified epsilon {report['certified_epsilon']} exceeds the target "
-                           f"{config.epsilon}; refusing to export")
+        raise RuntimeError(
+            f"certified epsilon {report['certified_epsilon']} exceeds the target {config.epsilon}; refusing to export"
+        )
 
-    save_serving_model(classifier, fn_args.serving_model_dir, text_keys=(config.text_feature,),
-                       privacy_report=report)
+    save_serving_model(classifier, fn_args.serving_model_dir, text_keys=(config.text_feature,), privacy_report=report)
     os.makedirs(fn_args.model_run_dir, exist_ok=True)
     with open(os.path.join(fn_args.model_run_dir, PRIVACY_REPORT), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
     with open(os.path.join(fn_args.model_run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
-    print(f"[ewtune_tf.tfx] certified epsilon={report['certified_epsilon']:.4f} "
-          f"sigma={sigma:.4f} steps={steps} metrics={json.dumps(metrics)}", flush=True)
+    print(
+        f"[ewtune_tf.tfx] certified epsilon={report['certified_epsilon']:.4f} "
+        f"sigma={sigma:.4f} steps={steps} metrics={json.dumps(metrics)}",
+        flush=True,
+    )

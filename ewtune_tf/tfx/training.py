@@ -19,8 +19,12 @@ from ewtune_tf.tfx.config import PrivateTrainerConfig
 def build_classifier(config: PrivateTrainerConfig):
     """KerasHub BERT classifier (logits) with its preprocessor attached."""
     return models.build_classifier(
-        config.model, num_classes=config.num_classes, sequence_length=config.sequence_length,
-        lora_rank=config.lora_rank, dropout=config.dropout)
+        config.model,
+        num_classes=config.num_classes,
+        sequence_length=config.sequence_length,
+        lora_rank=config.lora_rank,
+        dropout=config.dropout,
+    )
 
 
 def tokenize(classifier, texts: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -43,7 +47,8 @@ def sampling_probability(config: PrivateTrainerConfig, dataset_size: int) -> flo
     if config.batch_size > dataset_size:
         raise ValueError(
             f"custom_config['batch_size']={config.batch_size} exceeds the training set "
-            f"size {dataset_size}; it must be in [1, {dataset_size}]")
+            f"size {dataset_size}; it must be in [1, {dataset_size}]"
+        )
     return config.batch_size / dataset_size
 
 
@@ -75,8 +80,14 @@ class _TokenClassifier:
         return TokenClassifier(classifier, name="ewtune_tfx_token_classifier")
 
 
-def private_fit(classifier, features: Dict[str, np.ndarray], labels: np.ndarray,
-                config: PrivateTrainerConfig, noise_multiplier: float, steps: int) -> Dict[str, Any]:
+def private_fit(
+    classifier,
+    features: Dict[str, np.ndarray],
+    labels: np.ndarray,
+    config: PrivateTrainerConfig,
+    noise_multiplier: float,
+    steps: int,
+) -> Dict[str, Any]:
     """Runs `steps` private steps with the shared DP-SGD stack.
 
     ``ewtune_tf.data.poisson_batches`` (Poisson sampling at q = B/N),
@@ -118,28 +129,28 @@ def private_fit(classifier, features: Dict[str, np.ndarray], labels: np.ndarray,
         noise_seed=config.seed,
     )
     model = _TokenClassifier.wrap(classifier)
-    model.compile(optimizer=optimizer,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     make_private(model, physical_batch_size=config.physical_batch_size)
     dataset = tf.data.Dataset.from_tensor_slices(
-        ({k: tf.constant(v) for k, v in features.items()}, tf.constant(labels)))
+        ({k: tf.constant(v) for k, v in features.items()}, tf.constant(labels))
+    )
     # seed=None draws the batches from secret OS entropy (what the guarantee
     # assumes); a fixed seed is for reproducible tests.
-    batches = poisson_batches(dataset, sampling_probability=q, steps=steps, epochs=1,
-                              seed=config.seed)
+    batches = poisson_batches(dataset, sampling_probability=q, steps=steps, epochs=1, seed=config.seed)
     history = model.fit(batches.dataset, epochs=1, verbose=2, shuffle=False)
-    return {"loss": [float(x) for x in history.history.get("loss", [])],
-            "dp_steps": int(optimizer.dp_steps.numpy()),
-            "sampling": batches.report() if hasattr(batches, "report") else None}
+    return {
+        "loss": [float(x) for x in history.history.get("loss", [])],
+        "dp_steps": int(optimizer.dp_steps.numpy()),
+        "sampling": batches.report() if hasattr(batches, "report") else None,
+    }
 
 
-def accuracy(classifier, features: Dict[str, np.ndarray], labels: np.ndarray,
-             batch_size: int = 256) -> float:
+def accuracy(classifier, features: Dict[str, np.ndarray], labels: np.ndarray, batch_size: int = 256) -> float:
     if labels.shape[0] == 0:
         return float("nan")
     preds = []
     for start in range(0, labels.shape[0], batch_size):
-        x = {k: v[start:start + batch_size] for k, v in features.items()}
+        x = {k: v[start : start + batch_size] for k, v in features.items()}
         preds.append(np.argmax(np.asarray(classifier(x, training=False)), axis=-1))
     return float(np.mean(np.concatenate(preds) == labels))
 
@@ -150,13 +161,14 @@ def split_xy(examples: Dict[str, np.ndarray], config: PrivateTrainerConfig) -> T
         if key not in examples:
             raise ValueError(
                 f"Examples have no feature {key!r} (features: {sorted(examples)}); set "
-                f"custom_config['text_feature'] / custom_config['label_feature']")
-    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
-             for t in examples[config.text_feature]]
+                f"custom_config['text_feature'] / custom_config['label_feature']"
+            )
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in examples[config.text_feature]]
     labels = np.asarray(examples[config.label_feature]).astype(np.int64).reshape(-1)
     if labels.size and (labels.min() < 0 or labels.max() >= config.num_classes):
         raise ValueError(
             f"labels must be in [0, {config.num_classes - 1}] "
             f"(custom_config['num_classes']={config.num_classes}), "
-            f"got range [{labels.min()}, {labels.max()}]")
+            f"got range [{labels.min()}, {labels.max()}]"
+        )
     return texts, labels

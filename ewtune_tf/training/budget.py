@@ -34,7 +34,6 @@ import keras
 
 from ewtune_tf.optimizers import dp_optimizer
 
-
 PrivacyBudgetExhausted = dp_optimizer.PrivacyBudgetExhausted
 
 
@@ -70,16 +69,17 @@ def check_data_matches(optimizer, data) -> None:
 
 def _write_scalar(tag: str, value: float, step: int) -> None:
     """A TensorBoard scalar; works without the tensorboard package installed."""
-    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow as tf
 
     try:
         tf.summary.scalar(tag, value, step=step)
     except Exception:  # TBNotInstalledError: write the raw summary with the
         # scalars-plugin metadata, which is what tf.summary.scalar would write.
-        from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
+        from tensorflow.core.framework import summary_pb2
 
         metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
         tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
 
 
@@ -112,8 +112,10 @@ class PrivacyBudget(keras.callbacks.Callback):
         super().__init__()
         self.data = data
         if target_epsilon is not None and not (
-            isinstance(target_epsilon, (int, float)) and not isinstance(target_epsilon, bool)
-            and target_epsilon > 0 and math.isfinite(target_epsilon)
+            isinstance(target_epsilon, (int, float))
+            and not isinstance(target_epsilon, bool)
+            and target_epsilon > 0
+            and math.isfinite(target_epsilon)
         ):
             raise ValueError(f"target_epsilon must be a finite number > 0; got {target_epsilon!r}.")
         if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
@@ -136,8 +138,7 @@ class PrivacyBudget(keras.callbacks.Callback):
         opt = dp_optimizer.unwrap_optimizer(self.model.optimizer)
         if not isinstance(opt, dp_optimizer.EWTuneOptimizerMixin):
             raise ValueError(
-                "PrivacyBudget needs a model compiled with an EWTune optimizer; got "
-                f"{type(opt).__name__}."
+                f"PrivacyBudget needs a model compiled with an EWTune optimizer; got {type(opt).__name__}."
             )
         return opt
 
@@ -166,7 +167,7 @@ class PrivacyBudget(keras.callbacks.Callback):
 
     def epsilon(self, steps: int):
         """EpsilonResult for ``steps`` private steps (accountant call)."""
-        from ewtune_tf import accounting  # noqa: PLC0415 (lands in parallel)
+        from ewtune_tf import accounting
 
         p = self._params()
         if steps <= 0:
@@ -254,7 +255,7 @@ class PrivacyBudget(keras.callbacks.Callback):
                     "No step was taken."
                 )
         if self.log_dir and self._writer is None:
-            import tensorflow as tf  # noqa: PLC0415
+            import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
@@ -300,8 +301,6 @@ class PrivacyBudget(keras.callbacks.Callback):
             logs["epsilon_certified"] = eps if certified else 0.0
             logs["dp_steps"] = steps
         if self._writer is not None:
-            import tensorflow as tf  # noqa: PLC0415
-
             with self._writer.as_default():
                 _write_scalar("privacy/epsilon", eps, steps)
                 _write_scalar("privacy/epsilon_estimate", est, steps)

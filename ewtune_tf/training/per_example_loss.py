@@ -116,8 +116,7 @@ def make_per_example_loss(model) -> Callable:
             axes = list(range(1, values.shape.rank))
             if mask is not None and mask.shape.rank == values.shape.rank:
                 m = tf.cast(mask, tf.float32)
-                values = tf.reduce_sum(values * m, axis=axes) / tf.maximum(
-                    tf.reduce_sum(m, axis=axes), 1.0)
+                values = tf.reduce_sum(values * m, axis=axes) / tf.maximum(tf.reduce_sum(m, axis=axes), 1.0)
             else:
                 values = tf.reduce_mean(values, axis=axes)
         if loss_weight != 1.0:

@@ -47,7 +47,6 @@ to log none.
 """
 
 import dataclasses
-import math
 import types
 from typing import Optional
 
@@ -106,12 +105,9 @@ def make_private(
     if not isinstance(model, keras.Model):
         raise ValueError(f"model must be a keras.Model; got {type(model).__name__}.")
     if physical_batch_size is not None and (
-        isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, int)
-        or physical_batch_size < 1
+        isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, int) or physical_batch_size < 1
     ):
-        raise ValueError(
-            f"physical_batch_size must be None or an integer >= 1; got {physical_batch_size!r}."
-        )
+        raise ValueError(f"physical_batch_size must be None or an integer >= 1; got {physical_batch_size!r}.")
     if clipping is not None:
         clipping_lib.get_clipping_impl(clipping)  # ValueError if unknown.
     per_example.check_num_microbatches(num_microbatches, physical_batch_size)
@@ -206,8 +202,7 @@ def private_train_step(self, data):
         opt.build(variables)
     # Group-wise clipping: resolved at trace time, when the variables are known
     # (ValueError before the first update if a group is unusable).
-    groups = privacy_config_lib.resolve_clip_groups(
-        cfg.clip_groups, [getattr(v, "path", v.name) for v in variables])
+    groups = privacy_config_lib.resolve_clip_groups(cfg.clip_groups, [getattr(v, "path", v.name) for v in variables])
     per_example_loss = make_per_example_loss(self)
     leaf = _first_leaf(x)
     static_b = leaf.shape[0]
@@ -251,8 +246,13 @@ def private_train_step(self, data):
     if p is None:
         per_example.check_num_microbatches(nmb, static_b)
         result = clipping_lib.clipped_gradient_sum(
-            clipping, self, forward(x, y, sample_weight, opts.report_train_metrics),
-            variables, l2_norm_clip, nmb, groups=groups,
+            clipping,
+            self,
+            forward(x, y, sample_weight, opts.report_train_metrics),
+            variables,
+            l2_norm_clip,
+            nmb,
+            groups=groups,
         )
         grad_sum = result.grad_sum
         count = _centered_unclipped_count(result.norms, sample_weight, nmb, l2_norm_clip) if adaptive else None
@@ -260,13 +260,22 @@ def private_train_step(self, data):
     else:
         per_example.check_num_microbatches(nmb, p)
         grad_sum, count = _chunked_clipped_sum(
-            self, forward, x, y, sample_weight, variables, clipping, l2_norm_clip, nmb, p,
-            opts.report_train_metrics, groups,
+            self,
+            forward,
+            x,
+            y,
+            sample_weight,
+            variables,
+            clipping,
+            l2_norm_clip,
+            nmb,
+            p,
+            opts.report_train_metrics,
+            groups,
         )
         count = count if adaptive else None
         chunk_size = p
-    opt.apply_private_gradients(
-        grad_sum, variables, physical_batch_size=chunk_size, centered_unclipped_count=count)
+    opt.apply_private_gradients(grad_sum, variables, physical_batch_size=chunk_size, centered_unclipped_count=count)
     if opts.report_train_metrics:
         return self.get_metrics_result()
     return {}
@@ -293,8 +302,7 @@ def _pad_rows(t, pad):
     return tf.pad(t, paddings)
 
 
-def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_clip, nmb, p, report,
-                         groups=None):
+def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_clip, nmb, p, report, groups=None):
     """Accumulates clipped sums (and the adaptive-clipping count) over
     physical chunks of ``p`` rows."""
     batch = tf.shape(w)[0]
@@ -323,12 +331,16 @@ def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_c
         yc = tf.nest.map_structure(lambda t: chunk(t, i), ys)
         wc = chunk(ws, i)
         res = clipping_lib.clipped_gradient_sum(
-            clipping, model, forward(xc, yc, wc, report), variables, l2_norm_clip, nmb,
+            clipping,
+            model,
+            forward(xc, yc, wc, report),
+            variables,
+            l2_norm_clip,
+            nmb,
             groups=groups,
         )
         count = count + _centered_unclipped_count(res.norms, wc, nmb, l2_norm_clip)
         return i + 1, [a + g for a, g in zip(acc, res.grad_sum)], count
 
-    _, acc, count = tf.while_loop(
-        lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)))
+    _, acc, count = tf.while_loop(lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)))
     return list(acc), count

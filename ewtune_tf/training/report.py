@@ -29,7 +29,7 @@ def privacy_report(optimizer_or_model, data=None, *, delta: Optional[float] = No
     notes = []
     report: Dict[str, Any] = {
         "guarantee": "example-level (add/remove one example) (epsilon, delta)-DP of all model "
-                     "updates, assuming Poisson sampling with probability q",
+        "updates, assuming Poisson sampling with probability q",
         "mechanism": {
             "l2_norm_clip": cfg.l2_norm_clip,
             "noise_multiplier": cfg.noise_multiplier,
@@ -45,24 +45,29 @@ def privacy_report(optimizer_or_model, data=None, *, delta: Optional[float] = No
         },
         "steps": state["steps"],
         "delta": delta,
-        "accountant": {"method": cfg.accountant_method, "order": cfg.accountant_order,
-                       "certify": cfg.certify},
+        "accountant": {"method": cfg.accountant_method, "order": cfg.accountant_order, "certify": cfg.certify},
         "target_epsilon": cfg.target_epsilon,
     }
     if data is not None and hasattr(data, "report"):
-        from ewtune_tf.training.budget import check_data_matches  # noqa: PLC0415
+        from ewtune_tf.training.budget import check_data_matches
 
         check_data_matches(opt, data)
         report["sampling"]["data"] = data.report()
         if data.overflow == "truncate" and (report["sampling"]["data"]["overflow_count"] or 0) > 0:
-            notes.append("Some Poisson batches were truncated to max_batch_size: the mechanism "
-                         "differed from the one accounted for.")
+            notes.append(
+                "Some Poisson batches were truncated to max_batch_size: the mechanism "
+                "differed from the one accounted for."
+            )
         if data.overflow == "error" and data.max_batch_size is not None:
-            notes.append(f"Overflow (a batch above max_batch_size aborts training) has probability "
-                         f"<= {data.overflow_probability_bound:.3g}; add it to delta.")
+            notes.append(
+                f"Overflow (a batch above max_batch_size aborts training) has probability "
+                f"<= {data.overflow_probability_bound:.3g}; add it to delta."
+            )
     if cfg.sampling != "poisson":
-        notes.append("Batches were shuffled, not Poisson-sampled; epsilon is that of Poisson "
-                     "sampling with the same q, not a proven bound for shuffling.")
+        notes.append(
+            "Batches were shuffled, not Poisson-sampled; epsilon is that of Poisson "
+            "sampling with the same q, not a proven bound for shuffling."
+        )
     if cfg.noise_seed is not None:
         notes.append("A fixed noise_seed was used: the noise is reproducible and offers no privacy.")
     eps = est = None
@@ -74,12 +79,17 @@ def privacy_report(optimizer_or_model, data=None, *, delta: Optional[float] = No
         eps = est = 0.0
         certified = True
     elif cfg.sampling_probability is not None and delta is not None:
-        from ewtune_tf import accounting  # noqa: PLC0415
+        from ewtune_tf import accounting
 
         res = accounting.compute_epsilon(
-            sampling_probability=cfg.sampling_probability, noise_multiplier=cfg.noise_multiplier,
-            steps=state["steps"], delta=delta, method=cfg.accountant_method,
-            order=cfg.accountant_order, certify=cfg.certify)
+            sampling_probability=cfg.sampling_probability,
+            noise_multiplier=cfg.noise_multiplier,
+            steps=state["steps"],
+            delta=delta,
+            method=cfg.accountant_method,
+            order=cfg.accountant_order,
+            certify=cfg.certify,
+        )
         eps, est, certified = float(res.epsilon), float(res.estimate), bool(res.certified)
         if not certified:
             notes.append("epsilon is an estimate, not a certified upper bound (certify=False).")

@@ -16,8 +16,9 @@ print(','.join(bad))
 
 
 def test_no_tensorflow_import():
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, PYTHONPATH=root)
-  out = subprocess.run([sys.executable, "-c", _CODE], capture_output=True, text=True,
-                       env=env, timeout=120, check=True, cwd=root)
-  assert out.stdout.strip() == "", f"accounting imported: {out.stdout.strip()}"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run(
+        [sys.executable, "-c", _CODE], capture_output=True, text=True, env=env, timeout=120, check=True, cwd=root
+    )
+    assert out.stdout.strip() == "", f"accounting imported: {out.stdout.strip()}"

@@ -104,15 +104,23 @@ def _restore_other_privacy_config(tmp_path):
     import ewtune_tf
 
     model = _tiny_model()
-    model.compile(optimizer=ewtune_tf.EWTuneSGD(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0,
-                                                sampling_probability=0.5, target_delta=1e-5), loss="mse")
+    model.compile(
+        optimizer=ewtune_tf.EWTuneSGD(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=1.0, sampling_probability=0.5, target_delta=1e-5
+        ),
+        loss="mse",
+    )
     ewtune_tf.make_private(model)
     model.fit(np.ones((4, 3), "float32"), np.ones((4, 1), "float32"), batch_size=4, verbose=0)
     path = str(tmp_path / "ckpt.weights.h5")
     model.save_weights(path)
     other = _tiny_model()
-    other.compile(optimizer=ewtune_tf.EWTuneSGD(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=2.0,
-                                                sampling_probability=0.5, target_delta=1e-5), loss="mse")
+    other.compile(
+        optimizer=ewtune_tf.EWTuneSGD(
+            learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=2.0, sampling_probability=0.5, target_delta=1e-5
+        ),
+        loss="mse",
+    )
     other.optimizer.build(other.trainable_variables)
     other.load_weights(path)
     budget = ewtune_tf.PrivacyBudget()
@@ -133,8 +141,7 @@ def _accountant_cli(argv):
     return rc, err.getvalue()
 
 
-ACC = ["epsilon", "--sampling-probability", "0.01", "--noise-multiplier", "1", "--steps", "100",
-       "--delta", "1e-5"]
+ACC = ["epsilon", "--sampling-probability", "0.01", "--noise-multiplier", "1", "--steps", "100", "--delta", "1e-5"]
 
 
 def _acc(flag, value):
@@ -161,39 +168,64 @@ PYTHON_ROWS = [
     ("opt_sigma_negative", lambda t: _opt(noise_multiplier=-0.5), r"noise_multiplier.*>= 0"),
     ("opt_q_zero", lambda t: _opt(sampling_probability=0.0), r"sampling_probability.*\(0\.0, 1\.0\]"),
     ("opt_q_above_one", lambda t: _opt(sampling_probability=2.0), r"sampling_probability.*\(0\.0, 1\.0\]"),
-    ("opt_batch_larger_than_dataset", lambda t: _opt(num_examples=100, batch_size=200),
-     r"batch_size.*\(0\.0, 100"),
-    ("opt_target_epsilon_negative", lambda t: _opt(noise_multiplier=None, target_epsilon=-1.0, target_delta=1e-5,
-                                                   num_examples=100, batch_size=10, epochs=1),
-     r"target_epsilon.*\(0\.0, inf\)"),
+    ("opt_batch_larger_than_dataset", lambda t: _opt(num_examples=100, batch_size=200), r"batch_size.*\(0\.0, 100"),
+    (
+        "opt_target_epsilon_negative",
+        lambda t: _opt(
+            noise_multiplier=None, target_epsilon=-1.0, target_delta=1e-5, num_examples=100, batch_size=10, epochs=1
+        ),
+        r"target_epsilon.*\(0\.0, inf\)",
+    ),
     ("opt_target_delta_one", lambda t: _opt(target_delta=1.0), r"target_delta.*\(0\.0, 1\.0\)"),
-    ("opt_target_epsilon_missing_inputs", lambda t: _opt(noise_multiplier=None, target_epsilon=1.0),
-     r"target_delta.*num_examples"),
+    (
+        "opt_target_epsilon_missing_inputs",
+        lambda t: _opt(noise_multiplier=None, target_epsilon=1.0),
+        r"target_delta.*num_examples",
+    ),
     ("opt_microbatches_zero", lambda t: _opt(num_microbatches=0), r"num_microbatches"),
     ("opt_unknown_clipping", lambda t: _opt(clipping="bogus"), r"clipping.*one of"),
     ("opt_unknown_sampling", lambda t: _opt(sampling="uniform"), r"sampling must be one of"),
     ("opt_gradient_accumulation", lambda t: _opt(gradient_accumulation_steps=2), r"gradient_accumulation_steps"),
     # --- make_private and the private step
     ("private_not_a_model", lambda t: __import__("ewtune_tf").make_private("model"), r"model must be a keras\.Model"),
-    ("private_physical_batch_zero", lambda t: __import__("ewtune_tf").make_private(_tiny_model(), physical_batch_size=0),
-     r"physical_batch_size.*>= 1"),
-    ("private_microbatches_not_dividing", lambda t: __import__("ewtune_tf").make_private(
-        _tiny_model(), physical_batch_size=8, num_microbatches=3), r"num_microbatches.*divide"),
+    (
+        "private_physical_batch_zero",
+        lambda t: __import__("ewtune_tf").make_private(_tiny_model(), physical_batch_size=0),
+        r"physical_batch_size.*>= 1",
+    ),
+    (
+        "private_microbatches_not_dividing",
+        lambda t: __import__("ewtune_tf").make_private(_tiny_model(), physical_batch_size=8, num_microbatches=3),
+        r"num_microbatches.*divide",
+    ),
     ("private_loss_already_reduced", lambda t: _fit_one_step(loss=reduced_mse_loss), r"per-example losses"),
     ("private_trainable_batchnorm", lambda t: _fit_one_step(bn=True), r"BatchNormalization"),
-    ("private_checkpoint_other_privacy_config", _restore_other_privacy_config,
-     r"noise_multiplier.*different privacy configuration"),
+    (
+        "private_checkpoint_other_privacy_config",
+        _restore_other_privacy_config,
+        r"noise_multiplier.*different privacy configuration",
+    ),
     # --- data sampling and callbacks
-    ("poisson_q_zero", lambda t: __import__("ewtune_tf.data", fromlist=["x"]).poisson_batches(_ds(), 0.0),
-     r"sampling_probability.*\(0, 1\]"),
-    ("poisson_expected_batch_larger_than_dataset",
-     lambda t: __import__("ewtune_tf.data", fromlist=["x"]).poisson_batches(_ds(), expected_batch_size=1000),
-     rf"expected_batch_size.*\(0, {N}\]"),
-    ("poisson_max_batch_zero",
-     lambda t: __import__("ewtune_tf.data", fromlist=["x"]).poisson_batches(_ds(), 0.5, max_batch_size=0),
-     rf"max_batch_size.*\[1, {N}\]"),
-    ("budget_target_epsilon_zero", lambda t: __import__("ewtune_tf").PrivacyBudget(target_epsilon=0.0),
-     r"target_epsilon.*> 0"),
+    (
+        "poisson_q_zero",
+        lambda t: __import__("ewtune_tf.data", fromlist=["x"]).poisson_batches(_ds(), 0.0),
+        r"sampling_probability.*\(0, 1\]",
+    ),
+    (
+        "poisson_expected_batch_larger_than_dataset",
+        lambda t: __import__("ewtune_tf.data", fromlist=["x"]).poisson_batches(_ds(), expected_batch_size=1000),
+        rf"expected_batch_size.*\(0, {N}\]",
+    ),
+    (
+        "poisson_max_batch_zero",
+        lambda t: __import__("ewtune_tf.data", fromlist=["x"]).poisson_batches(_ds(), 0.5, max_batch_size=0),
+        rf"max_batch_size.*\[1, {N}\]",
+    ),
+    (
+        "budget_target_epsilon_zero",
+        lambda t: __import__("ewtune_tf").PrivacyBudget(target_epsilon=0.0),
+        r"target_epsilon.*> 0",
+    ),
     # --- TFX custom config
     ("tfx_epsilon_zero", lambda t: _tfx({"epsilon": 0.0}), r"epsilon"),
     ("tfx_delta_one", lambda t: _tfx({"delta": 1.0}), r"delta"),
@@ -209,8 +241,9 @@ def _tfx(config):
     return parse_custom_config(config)
 
 
-@pytest.mark.parametrize("row_id, thunk, pattern", PYTHON_ROWS,
-                         ids=[r.values[0] if hasattr(r, "values") else r[0] for r in PYTHON_ROWS])
+@pytest.mark.parametrize(
+    "row_id, thunk, pattern", PYTHON_ROWS, ids=[r.values[0] if hasattr(r, "values") else r[0] for r in PYTHON_ROWS]
+)
 def test_python_api_rejects(row_id, thunk, pattern, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -240,8 +273,11 @@ ACCOUNTANT_ROWS = [
     ("sigma_zero", _acc("--noise-multiplier", "0"), "--noise-multiplier"),
     ("steps_zero", _acc("--steps", "0"), "--steps"),
     ("delta_one", _acc("--delta", "1"), "--delta"),
-    ("epsilon_negative", ["delta", "--sampling-probability", "0.01", "--noise-multiplier", "1", "--steps", "10",
-                          "--epsilon", "-1"], "--epsilon"),
+    (
+        "epsilon_negative",
+        ["delta", "--sampling-probability", "0.01", "--noise-multiplier", "1", "--steps", "10", "--epsilon", "-1"],
+        "--epsilon",
+    ),
 ]
 
 
@@ -269,16 +305,30 @@ TRAIN_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("row_id, extra, flag", TRAIN_ROWS,
-                         ids=[r.values[0] if hasattr(r, "values") else r[0] for r in TRAIN_ROWS])
+@pytest.mark.parametrize(
+    "row_id, extra, flag", TRAIN_ROWS, ids=[r.values[0] if hasattr(r, "values") else r[0] for r in TRAIN_ROWS]
+)
 def test_train_cli_exits_2_before_writing(row_id, extra, flag, tmp_path):
     from trainers import glue
 
     out, export = tmp_path / "out", tmp_path / "export"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    argv = ["--glue_dir", os.path.join(root, "tests", "fixtures", "glue"), "--output_dir", str(out),
-            "--export_dir", str(export), "--max_steps", "1", "--max_train_examples", "8",
-            "--max_eval_examples", "8", "--sequence_length", "16"] + extra
+    argv = [
+        "--glue_dir",
+        os.path.join(root, "tests", "fixtures", "glue"),
+        "--output_dir",
+        str(out),
+        "--export_dir",
+        str(export),
+        "--max_steps",
+        "1",
+        "--max_train_examples",
+        "8",
+        "--max_eval_examples",
+        "8",
+        "--sequence_length",
+        "16",
+    ] + extra
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:

@@ -64,9 +64,7 @@ def test_rates_bound_is_valid_on_an_exact_gaussian_mechanism():
         neg = rng.normal(0.0, sigma, 2 * n)
         pos = rng.normal(1.0, sigma, 2 * n)
         t = bounds.best_threshold(neg[:n], pos[:n], delta)
-        rb = bounds.epsilon_lower_bound_from_rates(
-            int(np.sum(neg[n:] > t)), n, int(np.sum(pos[n:] <= t)), n, delta
-        )
+        rb = bounds.epsilon_lower_bound_from_rates(int(np.sum(neg[n:] > t)), n, int(np.sum(pos[n:] <= t)), n, delta)
         exceed += rb.epsilon_lower > eps_true
     assert exceed <= 6
 
@@ -98,8 +96,7 @@ def test_one_run_bound_is_valid_on_randomized_response():
     rng = np.random.default_rng(2)
     p = math.exp(eps_true) / (1 + math.exp(eps_true))
     exceed = sum(
-        bounds.one_run_epsilon_lower_bound(m, m, int(rng.binomial(m, p)), delta=0.0) > eps_true
-        for _ in range(60)
+        bounds.one_run_epsilon_lower_bound(m, m, int(rng.binomial(m, p)), delta=0.0) > eps_true for _ in range(60)
     )
     assert exceed <= 8
 

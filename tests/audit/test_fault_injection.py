@@ -109,8 +109,9 @@ def _env():
 
 
 def _run_to_end(script, workdir, mode):
-    out = subprocess.run([sys.executable, str(script), str(workdir), "0", mode], capture_output=True,
-                         text=True, env=_env(), timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), str(workdir), "0", mode], capture_output=True, text=True, env=_env(), timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -123,15 +124,25 @@ def _read_progress(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [
-    "step_aware",
-    pytest.param("keras_backup", marks=pytest.mark.xfail(strict=True, reason=(
-        "keras.callbacks.BackupAndRestore restores dp_steps mid-epoch but restarts the "
-        "epoch at batch 0, so a resumed run takes extra private steps (14 instead of 12 "
-        "here; epsilon is honestly counted for 14, but the run differs from an "
-        "uninterrupted one). Use a step-aware resume (skip dp_steps % steps_per_epoch "
-        "batches), as mode 'step_aware' and ewtune-train do."))),
-])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "step_aware",
+        pytest.param(
+            "keras_backup",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "keras.callbacks.BackupAndRestore restores dp_steps mid-epoch but restarts the "
+                    "epoch at batch 0, so a resumed run takes extra private steps (14 instead of 12 "
+                    "here; epsilon is honestly counted for 14, but the run differs from an "
+                    "uninterrupted one). Use a step-aware resume (skip dp_steps % steps_per_epoch "
+                    "batches), as mode 'step_aware' and ewtune-train do."
+                ),
+            ),
+        ),
+    ],
+)
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mode):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
@@ -142,8 +153,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mode):
     reference = _run_to_end(script, ref_dir, mode)
     assert reference["steps"] == 3 * 4
 
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), "0.5", mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), "0.5", mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
     killed_at = None
     try:
         deadline = time.time() + 240
@@ -230,10 +245,32 @@ CLI_STEPS_PER_EPOCH, CLI_EPOCHS = 8, 3
 
 
 def _cli_command(preset, output_dir):
-    return [sys.executable, "-m", "trainers.glue", "--model", str(preset), "--glue_dir", str(GLUE_FIXTURES),
-            "--task", "sst2", "--batch_size", "8", "--physical_batch_size", "8", "--epochs", str(CLI_EPOCHS),
-            "--sequence_length", "32", "--max_eval_examples", "8", "--checkpoint_every", "1", "--no_export",
-            "--output_dir", str(output_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "trainers.glue",
+        "--model",
+        str(preset),
+        "--glue_dir",
+        str(GLUE_FIXTURES),
+        "--task",
+        "sst2",
+        "--batch_size",
+        "8",
+        "--physical_batch_size",
+        "8",
+        "--epochs",
+        str(CLI_EPOCHS),
+        "--sequence_length",
+        "32",
+        "--max_eval_examples",
+        "8",
+        "--checkpoint_every",
+        "1",
+        "--no_export",
+        "--output_dir",
+        str(output_dir),
+    ]
 
 
 def _cli_state(output_dir):
@@ -261,10 +298,22 @@ def test_trainer_cli_kill_and_resume(tmp_path):
     total = CLI_STEPS_PER_EPOCH * CLI_EPOCHS
 
     # The run to kill and the uninterrupted reference run side by side.
-    proc = subprocess.Popen(_cli_command(preset, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=str(ROOT))
-    ref = subprocess.Popen(_cli_command(preset, ref_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=_env(), cwd=str(ROOT))
+    proc = subprocess.Popen(
+        _cli_command(preset, run_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=str(ROOT),
+    )
+    ref = subprocess.Popen(
+        _cli_command(preset, ref_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=str(ROOT),
+    )
     killed_at = None
     try:
         deadline = time.time() + 240
@@ -304,7 +353,7 @@ def test_trainer_cli_kill_and_resume(tmp_path):
     assert report["outputs"]["epsilon"] == ref_report["outputs"]["epsilon"]
     assert report["checkpointing"]["resumed_from_step"] == state["step"]
     # epsilon history continues across the kill: no reset, no double count.
-    strip = lambda hist: [(h["epoch"], h["steps"], h["epsilon"]) for h in hist]  # noqa: E731
+    strip = lambda hist: [(h["epoch"], h["steps"], h["epsilon"]) for h in hist]
     assert strip(report["epsilon_history"]) == strip(ref_report["epsilon_history"])
     assert [h["steps"] for h in report["epsilon_history"]] == [8, 16, 24]
     final = _cli_state(run_dir)

@@ -12,15 +12,17 @@ SIGMA, DELTA = 2.0, 1e-5
 
 @pytest.fixture(scope="module")
 def mechanism_results():
-    return {m: audit.audit_mechanism(m, noise_multiplier=SIGMA, delta=DELTA, trials=6000, seed=3)
-            for m in audit.MECHANISMS}
+    return {
+        m: audit.audit_mechanism(m, noise_multiplier=SIGMA, delta=DELTA, trials=6000, seed=3) for m in audit.MECHANISMS
+    }
 
 
 @pytest.fixture(scope="module")
 def one_run_results():
-    return {m: audit.one_run_audit(m, noise_multiplier=SIGMA, delta=DELTA, num_canaries=600,
-                                   num_guesses=200, seed=3)
-            for m in audit.MECHANISMS}
+    return {
+        m: audit.one_run_audit(m, noise_multiplier=SIGMA, delta=DELTA, num_canaries=600, num_guesses=200, seed=3)
+        for m in audit.MECHANISMS
+    }
 
 
 def test_correct_mechanism_clips_the_canary_to_exactly_c(mechanism_results):

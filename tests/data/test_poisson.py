@@ -27,7 +27,7 @@ def test_inclusion_frequencies_match_q():
     sizes = []
     total_steps = 0
     for _ in range(8):  # 8 passes x 25 steps = 200 draws per example
-        for x, y, w in pb.dataset:
+        for _, y, w in pb.dataset:
             ids = y.numpy()[w.numpy() > 0]
             assert len(set(ids)) == len(ids)  # no duplicates within a step
             counts[ids] += 1
@@ -55,7 +55,7 @@ def test_padding_static_shape_and_mask():
     assert 5 < m < 50
     assert pb.overflow_probability_bound <= 1e-9
     assert pb.dataset.element_spec[0].shape.as_list() == [m, 3]
-    for x, y, w in pb.dataset:
+    for x, _, w in pb.dataset:
         k = int(w.numpy().sum())
         np.testing.assert_array_equal(w.numpy()[:k], 1.0)
         np.testing.assert_array_equal(w.numpy()[k:], 0.0)
@@ -81,15 +81,18 @@ def test_auto_size_bound():
     assert overflow_probability_bound(10000, 0.01, 1000, m - 1) > 1e-9
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(sampling_probability=0.0), "sampling_probability"),
-    (dict(sampling_probability=1.5), "sampling_probability"),
-    (dict(expected_batch_size=100), "expected_batch_size"),
-    (dict(sampling_probability=0.1, max_batch_size=0), "max_batch_size"),
-    (dict(sampling_probability=0.1, overflow="drop"), "overflow"),
-    (dict(sampling_probability=0.1, steps=0), "steps"),
-    (dict(), "exactly one"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(sampling_probability=0.0), "sampling_probability"),
+        (dict(sampling_probability=1.5), "sampling_probability"),
+        (dict(expected_batch_size=100), "expected_batch_size"),
+        (dict(sampling_probability=0.1, max_batch_size=0), "max_batch_size"),
+        (dict(sampling_probability=0.1, overflow="drop"), "overflow"),
+        (dict(sampling_probability=0.1, steps=0), "steps"),
+        (dict(), "exactly one"),
+    ],
+)
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         poisson_batches(_ds(), **kwargs)

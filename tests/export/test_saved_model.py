@@ -13,7 +13,7 @@ from ewtune_tf import export
 from ewtune_tf.nlp import models
 
 VENV_BIN = pathlib.Path(sys.executable).parent
-PAIRS = (["what is the film about?", "why is it dull"], ["the film is good .", "the plot is \"awful\" ."])
+PAIRS = (["what is the film about?", "why is it dull"], ["the film is good .", 'the plot is "awful" .'])
 SINGLE = (["a charming , moving story", "bad", "really very boring film ."],)
 
 _LOADER = r"""
@@ -50,7 +50,10 @@ def _fresh_load(path, texts, keys, tokens):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
         [sys.executable, "-c", _LOADER, path, json.dumps(texts), json.dumps(list(keys)), json.dumps(tokens)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -88,7 +91,10 @@ def test_export_loads_in_fresh_process_and_matches_keras(tiny_preset, tmp_path, 
         if not cli.exists():
             pytest.skip("saved_model_cli not installed next to the interpreter")
         show = subprocess.run(
-            [str(cli), "show", "--all", "--dir", path], capture_output=True, text=True, timeout=300,
+            [str(cli), "show", "--all", "--dir", path],
+            capture_output=True,
+            text=True,
+            timeout=300,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
         )
         assert show.returncode == 0, show.stderr[-3000:]

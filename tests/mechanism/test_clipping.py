@@ -2,9 +2,9 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 from ewtune_tf.mechanism import clipping, per_example
@@ -40,7 +40,7 @@ def test_every_clipped_contribution_at_most_c(impl, nmb):
     assert int(res.num_records) == n_rec
     np.testing.assert_allclose(res.norms.numpy(), norms, rtol=1e-5)
     # The sum of n records each of norm <= C has norm <= n C.
-    total = math.sqrt(sum(float(tf.reduce_sum(g ** 2)) for g in res.grad_sum))
+    total = math.sqrt(sum(float(tf.reduce_sum(g**2)) for g in res.grad_sum))
     assert total <= n_rec * c * (1 + 1e-6)
     ref = [tf.tensordot(factors, g, axes=1) for g in grads]
     for a, b in zip(res.grad_sum, ref):
@@ -145,7 +145,7 @@ def test_group_clipping_matches_reference_and_bounds_each_record(impl, nmb):
     for r in range(n_rec):
         one = [tf.expand_dims(g[r], 0) for g in grads]
         single = clipping.clip_and_sum(one, c, groups).grad_sum
-        norm = math.sqrt(sum(float(tf.reduce_sum(g ** 2)) for g in single))
+        norm = math.sqrt(sum(float(tf.reduce_sum(g**2)) for g in single))
         assert norm <= c * (1 + 1e-6)
 
 
@@ -181,8 +181,7 @@ def test_single_group_equals_global_clipping():
 def test_bad_groups_rejected(groups, match):
     model, loss_fn = _setup()
     with pytest.raises(ValueError, match=match):
-        clipping.clipped_gradient_sum("vectorized", model, loss_fn, model.trainable_variables, 1.0,
-                                      groups=groups)
+        clipping.clipped_gradient_sum("vectorized", model, loss_fn, model.trainable_variables, 1.0, groups=groups)
 
 
 def test_impl_without_groups_support_is_refused_not_run_globally():
@@ -192,14 +191,14 @@ def test_impl_without_groups_support_is_refused_not_run_globally():
     def legacy(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches):
         calls.append(1)
         return clipping.get_clipping_impl("vectorized")(
-            model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches)
+            model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches
+        )
 
     clipping.register_clipping_impl("test_legacy", legacy)
     try:
         groups = clipping.ClipGroups((0, 0, 1, 1), (0.5, 0.5))
         with pytest.raises(ValueError, match="does not support group-wise clipping"):
-            clipping.clipped_gradient_sum("test_legacy", model, loss_fn, model.trainable_variables,
-                                          1.0, groups=groups)
+            clipping.clipped_gradient_sum("test_legacy", model, loss_fn, model.trainable_variables, 1.0, groups=groups)
         assert not calls
     finally:
         clipping._REGISTRY.pop("test_legacy", None)

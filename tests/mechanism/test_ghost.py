@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ewtune_tf.mechanism import clipping
-from ewtune_tf.mechanism import ghost
+from ewtune_tf.mechanism import clipping, ghost
 
 RTOL = 1e-4
 IMPLS = ["ghost", "ghost_two_pass"]
@@ -71,9 +70,7 @@ def _check(impl, model, loss_fn, clip=0.5, num_microbatches=None, rtol=RTOL, ref
     assert int(out.num_records) == len(ref_norms)
     for v, got, want in zip(variables, out.grad_sum, ref_sums):
         scale = max(np.abs(want).max(), 1e-6)
-        np.testing.assert_allclose(
-            got.numpy() / scale, want / scale, rtol=rtol, atol=rtol, err_msg=v.path
-        )
+        np.testing.assert_allclose(got.numpy() / scale, want / scale, rtol=rtol, atol=rtol, err_msg=v.path)
     # Nothing fell through: every patched layer's variables were restored.
     for layer in model._flatten_layers():
         assert "call" not in layer.__dict__
@@ -247,9 +244,7 @@ def _tiny_bert(lora: bool):
         max_sequence_length=16,
         dropout=0.0,
     )
-    model = keras_hub.models.BertTextClassifier(
-        backbone=backbone, num_classes=2, preprocessor=None, dropout=0.0
-    )
+    model = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None, dropout=0.0)
     if lora:
         backbone.enable_lora(rank=2)
         rng = _rng(5)

@@ -11,7 +11,8 @@ from ewtune_tf.mechanism import noise
 
 def _draw(sigma, c, seed, n=40000, replicas=1):
     out = noise.add_gaussian_noise(
-        [tf.zeros([n])], l2_norm_clip=c, noise_multiplier=sigma, seed=seed, num_replicas=replicas)
+        [tf.zeros([n])], l2_norm_clip=c, noise_multiplier=sigma, seed=seed, num_replicas=replicas
+    )
     return out[0].numpy()
 
 
@@ -33,8 +34,9 @@ def test_replica_noise_sums_to_one_device_noise():
 def test_streams_differ_across_steps_and_tensors():
     s0, s1 = noise.make_seed(0, 0), noise.make_seed(1, 0)
     assert abs(np.corrcoef(_draw(1, 1, s0), _draw(1, 1, s1))[0, 1]) < 0.03
-    out = noise.add_gaussian_noise([tf.zeros([20000]), tf.zeros([20000])], l2_norm_clip=1.0,
-                                   noise_multiplier=1.0, seed=s0)
+    out = noise.add_gaussian_noise(
+        [tf.zeros([20000]), tf.zeros([20000])], l2_norm_clip=1.0, noise_multiplier=1.0, seed=s0
+    )
     assert abs(np.corrcoef(out[0].numpy(), out[1].numpy())[0, 1]) < 0.03
 
 
@@ -58,8 +60,9 @@ def test_traced_seed_never_repeats_for_the_same_step():
 
 
 def test_zero_sigma_adds_nothing_even_with_infinite_clip():
-    z = noise.add_gaussian_noise([tf.ones([5])], l2_norm_clip=math.inf, noise_multiplier=0.0,
-                                 seed=noise.make_seed(0, 0))
+    z = noise.add_gaussian_noise(
+        [tf.ones([5])], l2_norm_clip=math.inf, noise_multiplier=0.0, seed=noise.make_seed(0, 0)
+    )
     np.testing.assert_array_equal(z[0].numpy(), np.ones(5))
 
 

@@ -1,8 +1,8 @@
 """Per-example gradients (jacobian/pfor) against a plain per-example loop."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 from ewtune_tf.mechanism import per_example
@@ -10,11 +10,13 @@ from ewtune_tf.mechanism import per_example
 
 def _model_and_data(seed=0, batch=6):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.Input((4,)),
-        keras.layers.Dense(5, activation="tanh"),
-        keras.layers.Dense(3),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(3),
+        ]
+    )
     x = tf.constant(np.random.RandomState(seed).randn(batch, 4), tf.float32)
     y = tf.constant(np.random.RandomState(seed + 1).randint(0, 3, batch))
     return model, x, y
@@ -30,7 +32,7 @@ def test_per_example_gradients_equal_loop():
     grads = per_example.per_example_gradients(lambda: _losses(model, x, y), model.trainable_variables)
     for i in range(x.shape[0]):
         with tf.GradientTape() as tape:
-            loss = _losses(model, x[i:i + 1], y[i:i + 1])[0]
+            loss = _losses(model, x[i : i + 1], y[i : i + 1])[0]
         ref = tape.gradient(loss, model.trainable_variables)
         for g, r in zip(grads, ref):
             np.testing.assert_allclose(g[i].numpy(), r.numpy(), atol=1e-5, rtol=1e-5)
@@ -39,8 +41,7 @@ def test_per_example_gradients_equal_loop():
 def test_microbatch_gradients_are_group_means_of_example_gradients():
     model, x, y = _model_and_data(batch=6)
     ex = per_example.per_example_gradients(lambda: _losses(model, x, y), model.trainable_variables)
-    mb = per_example.per_example_gradients(
-        lambda: _losses(model, x, y), model.trainable_variables, num_microbatches=3)
+    mb = per_example.per_example_gradients(lambda: _losses(model, x, y), model.trainable_variables, num_microbatches=3)
     for g_ex, g_mb in zip(ex, mb):
         assert g_mb.shape[0] == 3
         ref = tf.reduce_mean(tf.reshape(g_ex, [3, 2] + g_ex.shape[1:].as_list()), axis=1)

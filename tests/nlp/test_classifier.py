@@ -25,8 +25,13 @@ def _tiny_model(lora_rank: int = 0):
 
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=16, dropout=0.0,
+        vocabulary_size=100,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+        dropout=0.0,
     )
     model = classifier_lib.BertMeanPoolingClassifier(backbone, num_classes=3, dropout=0.0)
     models.set_trainable(model, lora_rank=lora_rank)
@@ -40,7 +45,7 @@ def _tiny_model(lora_rank: int = 0):
 def _batch(batch: int = 4, seq: int = 8):
     rng = np.random.default_rng(1)
     padding = np.ones((batch, seq), "int32")
-    padding[:, seq - 2:] = 0  # The last two columns are padding in every row.
+    padding[:, seq - 2 :] = 0  # The last two columns are padding in every row.
     padding[1, 5:] = 0
     padding[3, 2:] = 0
     token_ids = rng.integers(1, 100, size=(batch, seq)).astype("int32") * padding
@@ -98,8 +103,10 @@ def test_ghost_clipping_matches_the_jacobian(impl, monkeypatch):
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
         losses = loss_fn()
-    jac = [np.asarray(j, np.float64) for j in tape.jacobian(
-        losses, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+    jac = [
+        np.asarray(j, np.float64)
+        for j in tape.jacobian(losses, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    ]
     norms = np.sqrt(sum(np.sum(j.reshape(4, -1) ** 2, axis=1) for j in jac))
     clip = 0.5 * float(np.median(norms))  # Some rows clipped, some not.
     factors = np.minimum(1.0, clip / norms)
@@ -116,7 +123,7 @@ def test_ghost_clipping_matches_the_jacobian(impl, monkeypatch):
         np.testing.assert_allclose(got.numpy() / scale, want / scale, atol=1e-4, err_msg=v.path)
 
 
-@pytest.mark.filterwarnings("ignore:`compile\(\)` was not called")
+@pytest.mark.filterwarnings(r"ignore:`compile\(\)` was not called")
 def test_keras_save_and_load_round_trip(tmp_path):
     model = _tiny_model()
     path = str(tmp_path / "mean.keras")
@@ -129,10 +136,13 @@ def test_keras_save_and_load_round_trip(tmp_path):
 def _write_sentence_transformers_dir(path, pooling_config):
     os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
     with open(os.path.join(path, "modules.json"), "w") as f:
-        json.dump([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ], f)
+        json.dump(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ],
+            f,
+        )
     with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
         f.write(pooling_config)
 
@@ -140,8 +150,9 @@ def _write_sentence_transformers_dir(path, pooling_config):
 def test_checkpoint_pooling_reads_sentence_transformers_config(tmp_path):
     mean_dir, cls_dir, bad_dir = (str(tmp_path / n) for n in ("mean", "cls", "bad"))
     _write_sentence_transformers_dir(mean_dir, json.dumps({"pooling_mode_mean_tokens": True}))
-    _write_sentence_transformers_dir(cls_dir, json.dumps({"pooling_mode_cls_token": True,
-                                                          "pooling_mode_mean_tokens": False}))
+    _write_sentence_transformers_dir(
+        cls_dir, json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
     _write_sentence_transformers_dir(bad_dir, "{not json")
     assert models.checkpoint_pooling(mean_dir) == "mean"
     assert models.checkpoint_pooling(cls_dir) == "cls"

@@ -1,6 +1,5 @@
 """GLUE loading: real SST-2 (when present) and synthetic pair-task fixtures."""
 
-import os
 import pathlib
 
 import numpy as np

@@ -7,16 +7,29 @@ from ewtune_tf.nlp import hf_compat
 
 
 def test_legacy_names_prefix_and_layernorm():
-    t = {k: np.zeros(1) for k in (
-        "embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
-        "embeddings.LayerNorm.bias", "encoder.layer.0.output.LayerNorm.weight",
-        "encoder.layer.0.attention.self.query.bias", "pooler.dense.weight",
-        "bert.already.prefixed.weight")}
-    assert sorted(hf_compat.legacy_names(t)) == sorted([
-        "bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.gamma",
-        "bert.embeddings.LayerNorm.beta", "bert.encoder.layer.0.output.LayerNorm.gamma",
-        "bert.encoder.layer.0.attention.self.query.bias", "bert.pooler.dense.weight",
-        "bert.already.prefixed.weight"])
+    t = {
+        k: np.zeros(1)
+        for k in (
+            "embeddings.word_embeddings.weight",
+            "embeddings.LayerNorm.weight",
+            "embeddings.LayerNorm.bias",
+            "encoder.layer.0.output.LayerNorm.weight",
+            "encoder.layer.0.attention.self.query.bias",
+            "pooler.dense.weight",
+            "bert.already.prefixed.weight",
+        )
+    }
+    assert sorted(hf_compat.legacy_names(t)) == sorted(
+        [
+            "bert.embeddings.word_embeddings.weight",
+            "bert.embeddings.LayerNorm.gamma",
+            "bert.embeddings.LayerNorm.beta",
+            "bert.encoder.layer.0.output.LayerNorm.gamma",
+            "bert.encoder.layer.0.attention.self.query.bias",
+            "bert.pooler.dense.weight",
+            "bert.already.prefixed.weight",
+        ]
+    )
 
 
 def test_legacy_copy_keeps_tensors(tmp_path):

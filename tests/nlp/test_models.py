@@ -41,8 +41,9 @@ def test_lora_trains_only_lora_and_head(tiny_preset):
     assert any("lora_kernel_a" in n for n in names)
     assert "logits/kernel" in names and "pooled_dense/kernel" in names
     # No full-rank backbone kernel is trainable.
-    assert not [n for n in names if n.endswith("/kernel") and "lora" not in n
-                and not n.startswith(("logits", "pooled_dense"))]
+    assert not [
+        n for n in names if n.endswith("/kernel") and "lora" not in n and not n.startswith(("logits", "pooled_dense"))
+    ]
 
 
 def test_top_layers_and_dynamic_padding_keep_logits(tiny_preset):

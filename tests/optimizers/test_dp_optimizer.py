@@ -3,9 +3,9 @@
 import math
 import warnings
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import ewtune_tf
@@ -86,8 +86,9 @@ def test_bad_input_raises_value_error_naming_parameter(override, needle):
 
 
 def test_calibration_from_target_epsilon_is_certified():
-    opt = EWTuneSGD(0.1, l2_norm_clip=1.0, target_epsilon=3.0, target_delta=1e-5,
-                    num_examples=1000, batch_size=50, epochs=2)
+    opt = EWTuneSGD(
+        0.1, l2_norm_clip=1.0, target_epsilon=3.0, target_delta=1e-5, num_examples=1000, batch_size=50, epochs=2
+    )
     cfg = opt.privacy_config
     assert cfg.noise_multiplier_source == "calibrated"
     assert cfg.noise_multiplier > 0 and cfg.sampling_probability == pytest.approx(0.05)
@@ -95,8 +96,9 @@ def test_calibration_from_target_epsilon_is_certified():
 
     steps = accounting.steps_and_sampling_probability(1000, 50, 2)
     q, t = steps if steps[0] <= 1 else steps[::-1]
-    res = accounting.compute_epsilon(sampling_probability=q, noise_multiplier=cfg.noise_multiplier,
-                                     steps=int(t), delta=1e-5)
+    res = accounting.compute_epsilon(
+        sampling_probability=q, noise_multiplier=cfg.noise_multiplier, steps=int(t), delta=1e-5
+    )
     assert res.certified and res.epsilon <= 3.0 + 1e-9
     # Restoring from config reuses sigma instead of recalibrating.
     again = EWTuneSGD.from_config(opt.get_config())

@@ -17,20 +17,23 @@ def test_defaults_and_overrides():
     assert parse_custom_config(None) == PrivateTrainerConfig()
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("epsilon", 0, r"custom_config\['epsilon'\] must be in \(0"),
-    ("epsilon", float("nan"), r"custom_config\['epsilon'\] must be a finite number"),
-    ("delta", 1.0, r"custom_config\['delta'\] must be in \(0.0, 1.0\)"),
-    ("batch_size", 0, r"custom_config\['batch_size'\] must be in \[1"),
-    ("batch_size", 2.5, r"custom_config\['batch_size'\] must be an integer"),
-    ("l2_norm_clip", -1.0, r"custom_config\['l2_norm_clip'\]"),
-    ("sequence_length", 4, r"custom_config\['sequence_length'\] must be in \[8"),
-    ("sampling", "shuffle", r"custom_config\['sampling'\] must be one of \('poisson',\)"),
-    ("accountant", "rdp", r"custom_config\['accountant'\]"),
-    ("dropout", 1.0, r"custom_config\['dropout'\]"),
-    ("model_name", "a/b", r"custom_config\['model_name'\]"),
-    ("bogus", 1, r"unknown custom_config key\(s\) \['bogus'\]"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("epsilon", 0, r"custom_config\['epsilon'\] must be in \(0"),
+        ("epsilon", float("nan"), r"custom_config\['epsilon'\] must be a finite number"),
+        ("delta", 1.0, r"custom_config\['delta'\] must be in \(0.0, 1.0\)"),
+        ("batch_size", 0, r"custom_config\['batch_size'\] must be in \[1"),
+        ("batch_size", 2.5, r"custom_config\['batch_size'\] must be an integer"),
+        ("l2_norm_clip", -1.0, r"custom_config\['l2_norm_clip'\]"),
+        ("sequence_length", 4, r"custom_config\['sequence_length'\] must be in \[8"),
+        ("sampling", "shuffle", r"custom_config\['sampling'\] must be one of \('poisson',\)"),
+        ("accountant", "rdp", r"custom_config\['accountant'\]"),
+        ("dropout", 1.0, r"custom_config\['dropout'\]"),
+        ("model_name", "a/b", r"custom_config\['model_name'\]"),
+        ("bogus", 1, r"unknown custom_config key\(s\) \['bogus'\]"),
+    ],
+)
 def test_bad_values_name_the_key(key, value, match):
     with pytest.raises(ValueError, match=match):
         parse_custom_config({key: value})
@@ -55,13 +58,16 @@ def test_gate_passes_only_certified_within_budget():
     assert not gate_decision(report, 1.0)[0]
 
 
-@pytest.mark.parametrize("report", [
-    {"certified": False, "certified_epsilon": 1.0},
-    {"certified_epsilon": 1.0},
-    {"certified": True},
-    {"certified": True, "certified_epsilon": float("nan")},
-    {"certified": True, "certified_epsilon": "1.0"},
-])
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"certified": False, "certified_epsilon": 1.0},
+        {"certified_epsilon": 1.0},
+        {"certified": True},
+        {"certified": True, "certified_epsilon": float("nan")},
+        {"certified": True, "certified_epsilon": "1.0"},
+    ],
+)
 def test_gate_fails_closed(report):
     assert not gate_decision(report, 100.0)[0]
 

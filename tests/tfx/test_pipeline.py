@@ -34,37 +34,53 @@ DELTA = 1e-3  # The sample has ~90 training examples; delta << 1/N.
 
 def _tiny_preset(directory: str, csv_path: str) -> str:
     """A 1-layer, 16-wide BERT whose vocabulary is the sample's commonest words."""
+    import csv as _csv
+
     from ewtune_tf.nlp import models
 
-    import csv as _csv
     counts = collections.Counter()
     with open(csv_path, newline="", encoding="utf-8") as f:
         for row in _csv.DictReader(f):
             counts.update(re.findall(r"[a-z]+|[^a-z\s]", row["sentence"].lower()))
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\"-():;")
     words = [w for w, _ in counts.most_common(300) if w not in chars]
-    vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
-             + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"] + words)
+    vocab = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + chars
+        + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+        + words
+    )
     return models.save_tiny_bert_preset(
-        directory, vocab, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32,
-        max_sequence_length=32)
+        directory, vocab, num_layers=1, hidden_dim=16, num_heads=2, intermediate_dim=32, max_sequence_length=32
+    )
 
 
 def _run(tmp, *, budget: float, serving_dir: str):
     from trainers import tfx_pipeline
 
     pipeline = tfx_pipeline.create_pipeline(
-        data_dir=str(tmp / "data"), pipeline_root=str(tmp / "root"),
-        metadata_path=str(tmp / "metadata.sqlite"), serving_dir=serving_dir,
-        epsilon_budget=budget, enable_cache=True,
+        data_dir=str(tmp / "data"),
+        pipeline_root=str(tmp / "root"),
+        metadata_path=str(tmp / "metadata.sqlite"),
+        serving_dir=serving_dir,
+        epsilon_budget=budget,
+        enable_cache=True,
         # The standard `Trainer(module_file=...)` path (TFX packages the module
         # as a wheel); `run_fn=` is covered by the CLI default.
         use_module_file=True,
         custom_config={
-            "epsilon": EPSILON, "delta": DELTA, "model": str(tmp / "tiny_bert"),
-            "sequence_length": 32, "epochs": 1.0, "batch_size": 16,
-            "physical_batch_size": 16, "learning_rate": 1e-2, "seed": 0,
-            "model_name": "sst2_tfx_test"})
+            "epsilon": EPSILON,
+            "delta": DELTA,
+            "model": str(tmp / "tiny_bert"),
+            "sequence_length": 32,
+            "epochs": 1.0,
+            "batch_size": 16,
+            "physical_batch_size": 16,
+            "learning_rate": 1e-2,
+            "seed": 0,
+            "model_name": "sst2_tfx_test",
+        },
+    )
     tfx_pipeline.run_pipeline(pipeline)
     return tfx_pipeline.read_outcome(str(tmp / "metadata.sqlite"))
 
@@ -140,10 +156,8 @@ def test_privacy_report_is_recorded_in_ml_metadata(blessed_run):
     assert props["certified_epsilon"] == pytest.approx(on_disk["certified_epsilon"])
     assert props["steps"] == on_disk["steps"]
     # Lineage: the report was produced by an execution that consumed the Trainer's Model.
-    [event] = [e for e in store.get_events_by_artifact_ids([report.id])
-               if e.type == e.OUTPUT]
-    inputs = [e for e in store.get_events_by_execution_ids([event.execution_id])
-              if e.type == e.INPUT]
+    [event] = [e for e in store.get_events_by_artifact_ids([report.id]) if e.type == e.OUTPUT]
+    inputs = [e for e in store.get_events_by_execution_ids([event.execution_id]) if e.type == e.INPUT]
     [model] = store.get_artifacts_by_id([e.artifact_id for e in inputs])
     assert store.get_artifact_types_by_id([model.type_id])[0].name == "Model"
 

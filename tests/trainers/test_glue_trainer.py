@@ -23,10 +23,26 @@ def tiny_preset(tmp_path_factory):
 
 def _base_args(tmp_path, tiny_preset, *extra):
     return [
-        "--model", tiny_preset, "--glue_dir", FIXTURES, "--task", "sst2",
-        "--batch_size", "16", "--physical_batch_size", "8", "--epochs", "2",
-        "--sequence_length", "32", "--learning_rate", "0.01",
-        "--output_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "saved_models"),
+        "--model",
+        tiny_preset,
+        "--glue_dir",
+        FIXTURES,
+        "--task",
+        "sst2",
+        "--batch_size",
+        "16",
+        "--physical_batch_size",
+        "8",
+        "--epochs",
+        "2",
+        "--sequence_length",
+        "32",
+        "--learning_rate",
+        "0.01",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--export_dir",
+        str(tmp_path / "saved_models"),
         *extra,
     ]
 
@@ -79,7 +95,11 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
     result = subprocess.run(
         [sys.executable, "-m", "trainers.glue", *_base_args(tmp_path, tiny_preset, "--max_eval_examples", "12")],
-        capture_output=True, text=True, timeout=600, cwd=str(ROOT), env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(ROOT),
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
@@ -131,16 +151,18 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
 
     export_path = pathlib.Path(summary["export_path"])
     assert export_path == tmp_path / "saved_models" / "glue_sst2" / "1"
-    assert json.loads((export_path / "assets" / "privacy_report.json").read_text())["outputs"]["epsilon"] == \
-        pytest.approx(summary["epsilon"])
+    assert json.loads((export_path / "assets" / "privacy_report.json").read_text())["outputs"][
+        "epsilon"
+    ] == pytest.approx(summary["epsilon"])
     assert (export_path / "saved_model.pb").is_file()
 
 
 def test_linear_schedule_counts_logical_steps(tmp_path, tiny_preset, capsys):
     """One optimizer update per noise release (not per physical chunk), so a
     linear schedule ends at 0 on the last planned step."""
-    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--lr_schedule", "linear", "--no_export",
-                                 "--max_eval_examples", "4"))
+    rc = trainer.main(
+        _base_args(tmp_path, tiny_preset, "--lr_schedule", "linear", "--no_export", "--max_eval_examples", "4")
+    )
     assert rc == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["optimizer_updates"] == 8
@@ -150,8 +172,21 @@ def test_linear_schedule_counts_logical_steps(tmp_path, tiny_preset, capsys):
 def test_head_clip_share_splits_the_clip_budget(tmp_path, tiny_preset, capsys):
     """Group-wise clipping: the report records both groups' clip norms, whose
     squares add up to C^2 (so epsilon is that of global clipping at C)."""
-    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--head_clip_share", "0.25", "--l2_norm_clip", "2",
-                                 "--max_steps", "2", "--no_export", "--max_eval_examples", "4"))
+    rc = trainer.main(
+        _base_args(
+            tmp_path,
+            tiny_preset,
+            "--head_clip_share",
+            "0.25",
+            "--l2_norm_clip",
+            "2",
+            "--max_steps",
+            "2",
+            "--no_export",
+            "--max_eval_examples",
+            "4",
+        )
+    )
     assert rc == 0
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
     groups = report["inputs"]["clip_groups"]
@@ -166,7 +201,7 @@ def test_head_clip_groups_match_only_the_head(tiny_preset):
     from ewtune_tf.nlp import models
 
     classifier = models.build_classifier(tiny_preset, num_classes=2, sequence_length=16, lora_rank=2)
-    (pattern, share), = trainer._head_clip_groups(classifier, 0.3)
+    ((pattern, share),) = trainer._head_clip_groups(classifier, 0.3)
     head = {v.path for v in classifier.output_dense.trainable_variables}
     matched = {v.path for v in classifier.trainable_variables if re.search(pattern, v.path)}
     assert matched == head and share == 0.3
@@ -175,8 +210,19 @@ def test_head_clip_groups_match_only_the_head(tiny_preset):
 
 
 def test_ema_is_swapped_in_once_after_training(tmp_path, tiny_preset, capsys):
-    rc = trainer.main(_base_args(tmp_path, tiny_preset, "--ema_momentum", "0.5", "--max_steps", "3",
-                                 "--no_export", "--max_eval_examples", "4"))
+    rc = trainer.main(
+        _base_args(
+            tmp_path,
+            tiny_preset,
+            "--ema_momentum",
+            "0.5",
+            "--max_steps",
+            "3",
+            "--no_export",
+            "--max_eval_examples",
+            "4",
+        )
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 3
@@ -224,8 +270,19 @@ def test_resume_refuses_other_privacy_config_and_no_resume(tmp_path, tiny_preset
     checkpoint: exit 2 naming the parameter, nothing written. The same command
     resumes (here: at the final step, so no step is taken and epsilon is that
     of the recorded steps, not more)."""
-    args = _base_args(tmp_path, tiny_preset, "--max_steps", "3", "--epochs", "1", "--checkpoint_every", "2",
-                      "--no_export", "--max_eval_examples", "4")
+    args = _base_args(
+        tmp_path,
+        tiny_preset,
+        "--max_steps",
+        "3",
+        "--epochs",
+        "1",
+        "--checkpoint_every",
+        "2",
+        "--no_export",
+        "--max_eval_examples",
+        "4",
+    )
     assert trainer.main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run = tmp_path / "run"
@@ -235,7 +292,10 @@ def test_resume_refuses_other_privacy_config_and_no_resume(tmp_path, tiny_preset
 
     assert trainer.main(args + ["--l2_norm_clip", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert "different privacy configuration" in err and "l2_norm_clip [--l2_norm_clip]: checkpoint 1.0, this run 0.5" in err
+    assert (
+        "different privacy configuration" in err
+        and "l2_norm_clip [--l2_norm_clip]: checkpoint 1.0, this run 0.5" in err
+    )
     assert "noise_multiplier" not in err  # sigma does not depend on the clip norm: only the clip is named.
     assert trainer.main(args + ["--epsilon", "4"]) == 2
     err = capsys.readouterr().err

@@ -2,9 +2,9 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 from ewtune_tf.mechanism import noise
 from ewtune_tf.optimizers import EWTuneSGD
@@ -15,7 +15,7 @@ def test_composed_noise_multiplier_equals_accounted_sigma():
     s, b = 1.1, 2.0
     s_sum = noise.adaptive_sum_noise_multiplier(s, b)
     assert s_sum > s
-    assert (s_sum ** -2 + (2 * b) ** -2) ** -0.5 == pytest.approx(s)
+    assert (s_sum**-2 + (2 * b) ** -2) ** -0.5 == pytest.approx(s)
     with pytest.raises(ValueError, match="clipped_count_stddev"):
         noise.adaptive_sum_noise_multiplier(1.0, 0.4)
 
@@ -26,8 +26,16 @@ def test_clip_moves_towards_target_quantile(physical):
     x, y = rs.randn(32, 4).astype("float32"), rs.randint(0, 3, 32)
     keras.utils.set_random_seed(0)
     m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    opt = EWTuneSGD(1e-3, l2_norm_clip=100.0, noise_multiplier=0.5, batch_size=32, num_examples=32,
-                    target_unclipped_quantile=0.5, clip_learning_rate=0.5, clipped_count_stddev=1.0)
+    opt = EWTuneSGD(
+        1e-3,
+        l2_norm_clip=100.0,
+        noise_multiplier=0.5,
+        batch_size=32,
+        num_examples=32,
+        target_unclipped_quantile=0.5,
+        clip_learning_rate=0.5,
+        clipped_count_stddev=1.0,
+    )
     m.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     make_private(m, physical_batch_size=physical)
     clips = []
@@ -40,12 +48,15 @@ def test_clip_moves_towards_target_quantile(physical):
     assert opt.privacy_state()["steps"] == 6
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(target_unclipped_quantile=1.0), "target_unclipped_quantile"),
-    (dict(target_unclipped_quantile=0.5, clip_learning_rate=0.0), "clip_learning_rate"),
-    (dict(target_unclipped_quantile=0.5, clipped_count_stddev=0.1), "clipped_count_stddev"),
-    (dict(clipped_count_stddev=1.0), "only used with target_unclipped_quantile"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(target_unclipped_quantile=1.0), "target_unclipped_quantile"),
+        (dict(target_unclipped_quantile=0.5, clip_learning_rate=0.0), "clip_learning_rate"),
+        (dict(target_unclipped_quantile=0.5, clipped_count_stddev=0.1), "clipped_count_stddev"),
+        (dict(clipped_count_stddev=1.0), "only used with target_unclipped_quantile"),
+    ],
+)
 def test_bad_adaptive_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8, **kwargs)

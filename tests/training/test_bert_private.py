@@ -1,8 +1,8 @@
 """A tiny KerasHub BERT (built from a config, no download) trains privately."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -17,8 +17,8 @@ SEQ = 16
 def _tiny_bert():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=100, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=SEQ)
+        vocabulary_size=100, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=SEQ
+    )
     return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
 
 
@@ -34,13 +34,20 @@ def _dataset(n=24):
 
 @pytest.mark.filterwarnings("ignore:poisson_batches\\(seed")
 def test_tiny_bert_trains_privately_with_poisson_chunks():
-    pb = poisson_batches(_dataset(), expected_batch_size=6, max_batch_size=12, seed=0, steps=3,
-                         overflow="truncate")
+    pb = poisson_batches(_dataset(), expected_batch_size=6, max_batch_size=12, seed=0, steps=3, overflow="truncate")
     model = _tiny_bert()
-    opt = EWTuneAdamW(1e-3, weight_decay=0.01, l2_norm_clip=1.0, noise_multiplier=1.0,
-                      num_examples=24, batch_size=6, target_delta=1e-3)
-    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    opt = EWTuneAdamW(
+        1e-3,
+        weight_decay=0.01,
+        l2_norm_clip=1.0,
+        noise_multiplier=1.0,
+        num_examples=24,
+        batch_size=6,
+        target_delta=1e-3,
+    )
+    model.compile(
+        optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
     make_private(model, physical_batch_size=4)
     before = [w.numpy().copy() for w in model.trainable_weights]
     h = model.fit(pb.dataset, epochs=1, verbose=0, shuffle=False, callbacks=[PrivacyBudget()])

@@ -3,9 +3,9 @@
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 from ewtune_tf import accounting
@@ -24,8 +24,10 @@ def _eps(steps):
 def _model():
     keras.utils.set_random_seed(0)
     m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    m.compile(EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=SIGMA, batch_size=8, num_examples=32,
-                        target_delta=DELTA), LOSS)
+    m.compile(
+        EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=SIGMA, batch_size=8, num_examples=32, target_delta=DELTA),
+        LOSS,
+    )
     return make_private(m)
 
 
@@ -86,12 +88,15 @@ def test_budget_needs_known_sampling_probability():
         m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[PrivacyBudget(1.0, delta=1e-5)])
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(target_epsilon=0), "target_epsilon"),
-    (dict(target_epsilon=float("inf")), "target_epsilon"),
-    (dict(delta=1.0), "delta"),
-    (dict(certify="no"), "certify"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(target_epsilon=0), "target_epsilon"),
+        (dict(target_epsilon=float("inf")), "target_epsilon"),
+        (dict(delta=1.0), "delta"),
+        (dict(certify="no"), "certify"),
+    ],
+)
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         PrivacyBudget(**kwargs)

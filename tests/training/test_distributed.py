@@ -51,10 +51,20 @@ print(json.dumps({
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_mirrored_noise_scale(replicas):
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(replicas)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    env = dict(
+        os.environ,
+        TF_ENABLE_ONEDNN_OPTS="0",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(replicas)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["replicas"] == replicas

@@ -65,11 +65,23 @@ def test_multiworker_noise_scale(tmp_path):
     workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     procs = []
     for i in range(2):
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3",
-                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-                   TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
-        procs.append(subprocess.Popen([sys.executable, "-c", _SCRIPT, str(tmp_path / f"d{i}.npy")], cwd=root,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            TF_ENABLE_ONEDNN_OPTS="0",
+            TF_CPP_MIN_LOG_LEVEL="3",
+            PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            TF_CONFIG=json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _SCRIPT, str(tmp_path / f"d{i}.npy")],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     try:
         for p in procs:

@@ -1,8 +1,8 @@
 """Per-example losses derived from the compiled loss."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 from ewtune_tf.training.per_example_loss import make_per_example_loss, unreduced_loss
@@ -18,13 +18,16 @@ Y = tf.constant([0, 1, 2])
 P = tf.constant([[2.0, 0.1, 0.3], [0.2, 1.0, 0.1], [0.0, 0.0, 3.0]])
 
 
-@pytest.mark.parametrize("loss", [
-    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    "sparse_categorical_crossentropy",
-    lambda y, p: keras.losses.sparse_categorical_crossentropy(y, p, from_logits=True),
-    [keras.losses.SparseCategoricalCrossentropy(from_logits=True)],
-    {"out": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
-])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "sparse_categorical_crossentropy",
+        lambda y, p: keras.losses.sparse_categorical_crossentropy(y, p, from_logits=True),
+        [keras.losses.SparseCategoricalCrossentropy(from_logits=True)],
+        {"out": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+    ],
+)
 def test_vector_of_example_losses(loss):
     fn = make_per_example_loss(_M(loss))
     out = fn(Y, P if not isinstance(loss, str) else tf.nn.softmax(P))

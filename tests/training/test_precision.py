@@ -1,8 +1,8 @@
 """Mixed precision and jit_compile: private steps work, clip/noise in float32."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 from ewtune_tf.optimizers import EWTuneSGD, PrivacyBudgetExhausted
 from ewtune_tf.training import make_private
@@ -13,8 +13,11 @@ def _fit(jit=False, physical=None, steps_cap=None):
     x, y = rs.randn(16, 4).astype("float32"), rs.randint(0, 3, 16)
     keras.utils.set_random_seed(0)
     m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3)])
-    m.compile(EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+    m.compile(
+        EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
     make_private(m, physical_batch_size=physical)
     opt = getattr(m.optimizer, "inner_optimizer", m.optimizer)
     if steps_cap is not None:

@@ -2,12 +2,12 @@
 
 import math
 import os
+
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
-import ewtune_tf
 from ewtune_tf.optimizers import EWTuneAdam, EWTuneSGD, NonPrivateStepError
 from ewtune_tf.training import make_private
 
@@ -83,11 +83,14 @@ def test_zero_noise_infinite_clip_equals_non_private_update(build, physical):
     assert int(m.optimizer.dp_steps.numpy()) == 1
 
 
-@pytest.mark.parametrize("opts", [
-    dict(physical_batch_size=4),
-    dict(physical_batch_size=5),
-    dict(clipping="microbatch"),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(physical_batch_size=4),
+        dict(physical_batch_size=5),
+        dict(clipping="microbatch"),
+    ],
+)
 def test_chunking_and_impls_match_single_chunk_vectorized(opts):
     x, y = _data(10)
     w = np.array([1.0] * 7 + [0.0] * 3, np.float32)  # padded logical batch
@@ -114,22 +117,25 @@ def test_clip_groups_update_equals_group_clipped_reference(physical):
     head = _layer_pattern(m, 1)  # the second Dense layer
     before = _weights(m)
     grads = per_example.per_example_gradients(
-        lambda: keras.losses.sparse_categorical_crossentropy(y, m(x), from_logits=True), variables)
+        lambda: keras.losses.sparse_categorical_crossentropy(y, m(x), from_logits=True), variables
+    )
     groups = clipping.ClipGroups((1, 1, 0, 0), (0.25, 0.75))
     ref = clipping.clip_and_sum(grads, 0.2, groups).grad_sum
-    m.compile(EWTuneSGD(1.0, l2_norm_clip=0.2, noise_multiplier=0.0, batch_size=6,
-                        clip_groups=[(head, 0.25)]), LOSS)
+    m.compile(EWTuneSGD(1.0, l2_norm_clip=0.2, noise_multiplier=0.0, batch_size=6, clip_groups=[(head, 0.25)]), LOSS)
     make_private(m, physical_batch_size=physical)
     m.train_on_batch(x, y)
     for b, a, r in zip(before, _weights(m), ref):
         np.testing.assert_allclose(b - a, r.numpy() / 6, atol=1e-6)
 
 
-@pytest.mark.parametrize("groups, needle", [
-    ([("no_such_layer", 0.5)], "matches no trainable variable"),
-    ([("dense", 1.0), ("no", 0.0001)], "clip_groups share|sum to"),
-    ([(".*", 0.5)], "remaining share 0.5 of the clip budget would be unused"),
-])
+@pytest.mark.parametrize(
+    "groups, needle",
+    [
+        ([("no_such_layer", 0.5)], "matches no trainable variable"),
+        ([("dense", 1.0), ("no", 0.0001)], "clip_groups share|sum to"),
+        ([(".*", 0.5)], "remaining share 0.5 of the clip budget would be unused"),
+    ],
+)
 def test_unusable_clip_groups_fail_before_any_update(groups, needle):
     x, y = _data(6)
     m = _sequential()
@@ -147,8 +153,16 @@ def test_unusable_clip_groups_fail_before_any_update(groups, needle):
 def test_all_variables_matched_with_shares_summing_to_one_is_fine():
     x, y = _data(6)
     m = _sequential()
-    m.compile(EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=0.0, batch_size=6,
-                        clip_groups=[(_layer_pattern(m, 0), 0.5), (".*", 0.5)]), LOSS)
+    m.compile(
+        EWTuneSGD(
+            1.0,
+            l2_norm_clip=1.0,
+            noise_multiplier=0.0,
+            batch_size=6,
+            clip_groups=[(_layer_pattern(m, 0), 0.5), (".*", 0.5)],
+        ),
+        LOSS,
+    )
     make_private(m)
     m.train_on_batch(x, y)
     assert int(m.optimizer.dp_steps.numpy()) == 1
@@ -157,8 +171,10 @@ def test_all_variables_matched_with_shares_summing_to_one_is_fine():
 def test_unmatched_variables_without_a_share_fail():
     x, y = _data(6)
     m = _sequential()
-    m.compile(EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=6,
-                        clip_groups=[(_layer_pattern(m, 0), 1.0)]), LOSS)
+    m.compile(
+        EWTuneSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=6, clip_groups=[(_layer_pattern(m, 0), 1.0)]),
+        LOSS,
+    )
     make_private(m)
     with pytest.raises(ValueError, match="match no pattern"):
         m.train_on_batch(x, y)
@@ -168,8 +184,10 @@ def test_unmatched_variables_without_a_share_fail():
 def test_padding_rows_do_not_change_the_update():
     x, y = _data(10)
     results = []
-    for xs, ys, w in [(x[:7], y[:7], None),
-                      (np.concatenate([x[:7], 100 * np.ones((3, 4), np.float32)]), y, np.array([1.0] * 7 + [0.0] * 3))]:
+    for xs, ys, w in [
+        (x[:7], y[:7], None),
+        (np.concatenate([x[:7], 100 * np.ones((3, 4), np.float32)]), y, np.array([1.0] * 7 + [0.0] * 3)),
+    ]:
         m = _sequential()
         m.compile(EWTuneSGD(1.0, l2_norm_clip=0.1, noise_multiplier=0.0, batch_size=7), LOSS)
         make_private(m)
@@ -193,9 +211,9 @@ def test_microbatch_semantics():
     recs = []
     for g in range(2):
         with tf.GradientTape() as tape:
-            loss = LOSS(y[4 * g:4 * g + 4], ref_model(x[4 * g:4 * g + 4]))  # group mean
+            loss = LOSS(y[4 * g : 4 * g + 4], ref_model(x[4 * g : 4 * g + 4]))  # group mean
         grads = tape.gradient(loss, ref_model.trainable_weights)
-        norm = math.sqrt(sum(float(tf.reduce_sum(t ** 2)) for t in grads))
+        norm = math.sqrt(sum(float(tf.reduce_sum(t**2)) for t in grads))
         recs.append([t.numpy() * min(1.0, c / norm) for t in grads])
     m.train_on_batch(x, y)
     for i, (b, a) in enumerate(zip(before, _weights(m))):
@@ -275,8 +293,10 @@ def test_resume_after_crash_continues_step_count(tmp_path):
 
     def build():
         m = _functional()
-        m.compile(EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8, num_examples=16,
-                            target_delta=1e-4), LOSS)
+        m.compile(
+            EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8, num_examples=16, target_delta=1e-4),
+            LOSS,
+        )
         return make_private(m)
 
     m = build()
