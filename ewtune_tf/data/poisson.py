@@ -43,17 +43,10 @@ from typing import Any, Dict, Optional, Union
 
 import tensorflow as tf
 
+# The one epochs -> steps rule lives with the accountant; the sampler runs it.
+from ewtune_tf.accounting.calibration import steps_per_epoch
+
 OVERFLOW_MODES = ("error", "truncate")
-
-
-def steps_per_epoch(sampling_probability: float) -> int:
-    """Logical steps per epoch: floor(1 / q), at least 1.
-
-    Rounding down keeps ``epochs * steps_per_epoch`` at or below the
-    accountant's ``ceil(epochs * N / B)`` steps that ``target_epsilon`` was
-    calibrated for, so fit(epochs=E) never needs more budget than planned.
-    """
-    return max(1, int(math.floor(1.0 / sampling_probability + 1e-9)))
 
 
 def auto_max_batch_size(
@@ -157,7 +150,8 @@ def poisson_batches(
       dataset: finite dataset of ``x``, ``(x, y)`` or ``(x, y, w)`` examples.
       sampling_probability: q in (0, 1]; or give ``expected_batch_size``
         (q = expected_batch_size / N).
-      steps: logical steps per pass (fit epoch); default floor(1 / q).
+      steps: logical steps per pass (fit epoch); default floor(1 / q)
+        (``ewtune_tf.accounting.steps_per_epoch``).
       epochs: planned passes (only used for the overflow bound; default 1).
       max_batch_size: None (variable-size batches, no padding), an int in
         [1, N], or "auto" (see module docstring).
