@@ -1,9 +1,10 @@
-"""Layers depend downward only.
+"""Layers depend downward only (docs/architecture.md draws this map).
 
-accounting -> mechanism -> optimizers/training/data -> audit -> nlp
--> export/tfx -> trainers. A module may import its own layer or any layer
-below it, never above: that keeps the privacy-critical core free of model,
-data and serving code, and the accountant free of TensorFlow.
+accounting/utils -> privacy -> mechanism -> optimizers/training/data -> audit
+-> nlp -> export -> recipe -> tfx -> trainers. A module may import its own
+layer or any layer below it, never above: that keeps the privacy-critical core
+free of model, data and serving code, and the accountant, the privacy plan and
+report, and the configs that TFX pipelines parse free of TensorFlow.
 """
 
 import ast
@@ -14,18 +15,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Package -> layer rank. Equal ranks may import each other.
 LAYERS = {
     "ewtune_tf.accounting": 0,
-    "ewtune_tf.mechanism": 1,
-    "ewtune_tf.optimizers": 2,
-    "ewtune_tf.training": 2,
-    "ewtune_tf.data": 2,
-    "ewtune_tf.audit": 3,
-    "ewtune_tf.nlp": 4,
-    "ewtune_tf.export": 5,
-    "ewtune_tf.tfx": 6,
-    "trainers": 7,
+    "ewtune_tf.utils": 0,
+    "ewtune_tf.privacy": 1,
+    "ewtune_tf.mechanism": 2,
+    "ewtune_tf.optimizers": 3,
+    "ewtune_tf.training": 3,
+    "ewtune_tf.data": 3,
+    "ewtune_tf.audit": 4,
+    "ewtune_tf.nlp": 5,
+    "ewtune_tf.export": 6,
+    "ewtune_tf.recipe": 7,
+    "ewtune_tf.tfx": 8,
+    "trainers": 9,
 }
-# Modules that must not import TensorFlow or anything that pulls it in.
-NO_TENSORFLOW = ("ewtune_tf.accounting",)
+# Modules that must not import TensorFlow directly (tests/privacy/
+# test_import_hygiene.py checks that they do not pull it in either).
+NO_TENSORFLOW = (
+    "ewtune_tf.accounting",
+    "ewtune_tf.utils",
+    "ewtune_tf.privacy",
+    "ewtune_tf.recipe.config",
+    "ewtune_tf.tfx.config",
+    "ewtune_tf.tfx.gate",
+)
 TF_MODULES = ("tensorflow", "keras", "keras_hub", "keras_nlp", "tensorflow_privacy", "tfx")
 
 

@@ -45,6 +45,7 @@ import tensorflow as tf
 
 # The one epochs -> steps rule lives with the accountant; the sampler runs it.
 from ewtune_tf.accounting.calibration import steps_per_epoch
+from ewtune_tf.privacy import report as report_lib
 
 OVERFLOW_MODES = ("error", "truncate")
 
@@ -67,10 +68,7 @@ def overflow_probability_bound(
     num_examples: int, sampling_probability: float, total_steps: int, max_batch_size: int
 ) -> float:
     """Union bound on P[some step's Poisson batch exceeds max_batch_size]."""
-    from scipy import stats
-
-    p = float(stats.binom.sf(max_batch_size, num_examples, sampling_probability))
-    return min(1.0, p * max(1, int(total_steps)))
+    return report_lib.overflow_probability(num_examples, sampling_probability, total_steps, max_batch_size)
 
 
 def _materialize(dataset: tf.data.Dataset):
