@@ -9,6 +9,7 @@ report, and the configs that TFX pipelines parse free of TensorFlow.
 
 import ast
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,3 +109,15 @@ def test_tensorflow_privacy_is_imported_in_one_place_only():
         if path != shim and any(i.split(".")[0] == "tensorflow_privacy" for i in _imports(path))
     ]
     assert not offenders, "import TF Privacy through ewtune_tf.mechanism.tf_privacy: " + ", ".join(offenders)
+
+
+def test_package_docstrings_state_their_layer():
+    """Each package's docstring names its layer, and names it right."""
+    wrong = []
+    for package, rank in LAYERS.items():
+        init = ROOT.joinpath(*package.split("."), "__init__.py")
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        stated = {int(n) for n in re.findall(r"\b[Ll]ayer (\d+)", doc)}
+        if stated != {rank}:
+            wrong.append(f"{package}: docstring states layer(s) {sorted(stated)}, tests/test_layering.py says {rank}")
+    assert not wrong, "\n".join(wrong)

@@ -10,6 +10,8 @@ Public API:
 
 Every epsilon reported with certify=True (the default) is a proven upper bound
 (dp_accounting's pessimistic PLD); estimates are labelled as such.
+
+Layer 0 (no TensorFlow): imports no other ewtune_tf package.
 """
 
 from ewtune_tf.accounting.accountant import EdgeworthAccountant

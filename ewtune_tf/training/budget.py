@@ -26,31 +26,16 @@ loaded and continued.
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Optional
 
 import keras
 
 from ewtune_tf.optimizers import dp_optimizer
+from ewtune_tf.training.summaries import write_scalar
+from ewtune_tf.utils.files import atomic_write_json
 
 PrivacyBudgetExhausted = dp_optimizer.PrivacyBudgetExhausted
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_data_matches(optimizer, data) -> None:
@@ -65,22 +50,6 @@ def check_data_matches(optimizer, data) -> None:
             f"optimizer accounts for q={q_opt}; give the optimizer sampling_probability={q_data} "
             "(or num_examples and batch_size matching the sampler)."
         )
-
-
-def _write_scalar(tag: str, value: float, step: int) -> None:
-    """A TensorBoard scalar; works without the tensorboard package installed."""
-    import tensorflow as tf
-
-    try:
-        tf.summary.scalar(tag, value, step=step)
-    except Exception:  # TBNotInstalledError: write the raw summary with the
-        # scalars-plugin metadata, which is what tf.summary.scalar would write.
-        from tensorflow.core.framework import summary_pb2
-
-        metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-        )
-        tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
 
 
 class PrivacyBudget(keras.callbacks.Callback):
@@ -302,8 +271,8 @@ class PrivacyBudget(keras.callbacks.Callback):
             logs["dp_steps"] = steps
         if self._writer is not None:
             with self._writer.as_default():
-                _write_scalar("privacy/epsilon", eps, steps)
-                _write_scalar("privacy/epsilon_estimate", est, steps)
+                write_scalar("privacy/epsilon", eps, steps)
+                write_scalar("privacy/epsilon_estimate", est, steps)
             self._writer.flush()
         if self.history_path:
-            _atomic_write_json(self.history_path, {"history": self.history})
+            atomic_write_json(self.history_path, {"history": self.history})

@@ -42,8 +42,11 @@ scaling (float16 per-example gradients may underflow; prefer
 so the budget and state checks also run on the host before each step.
 
 Training metrics (loss, compiled metrics) are computed on the private batch
-and are *not* covered by the DP guarantee; pass ``report_train_metrics=False``
-to log none.
+and are *not* covered by the DP guarantee, so by default none are computed or
+logged (``report_train_metrics=False``): ``fit`` logs only ``dp_steps``, the
+private step count. ``report_train_metrics=True`` releases them (progress bar,
+history, callbacks, the metrics' checkpointed state); list them as released
+without privacy wherever the model's guarantee is reported.
 """
 
 import dataclasses
@@ -67,7 +70,7 @@ class PrivateStepOptions:
     physical_batch_size: Optional[int] = None
     clipping: Optional[str] = None
     num_microbatches: Optional[int] = None
-    report_train_metrics: bool = True
+    report_train_metrics: bool = False
 
 
 def _check_layers(model) -> None:
@@ -87,7 +90,7 @@ def make_private(
     physical_batch_size: Optional[int] = None,
     clipping: Optional[str] = None,
     num_microbatches: Optional[int] = None,
-    report_train_metrics: bool = True,
+    report_train_metrics: bool = False,
 ) -> keras.Model:
     """Makes ``model.fit`` / ``train_on_batch`` take DP steps; returns model.
 
@@ -100,7 +103,10 @@ def make_private(
       clipping: clipping implementation name (overrides the optimizer's).
       num_microbatches: records per chunk (overrides the optimizer's); must
         divide the chunk size.
-      report_train_metrics: also update loss/metrics on the private batch.
+      report_train_metrics: also compute and log the loss and compiled
+        metrics on the private batches. They are NOT differentially private:
+        off by default, so nothing computed from the private data but the
+        noised update leaves the step.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"model must be a keras.Model; got {type(model).__name__}.")
@@ -173,14 +179,22 @@ def _resolve_optimizer(model):
     return opt
 
 
-def _update_metrics(model, y, y_pred, per_ex_loss, sample_weight):
-    """Updates the loss tracker and compiled metrics (non-private stats)."""
+def _update_metrics(model, y, y_pred, per_ex_loss, sample_weight, report: bool = True):
+    """Updates the loss tracker and compiled metrics (non-private stats).
+
+    With ``report=False`` the compiled metrics are only built (Keras's fit
+    reads their result at epoch end), never updated: they stay empty.
+    """
+    cm = getattr(model, "_compile_metrics", None)
+    if not report:
+        if cm is not None and not cm.built:
+            cm.build(y, y_pred)
+        return
     tracker = getattr(model, "_loss_tracker", None)
     active = tf.cast(sample_weight != 0, tf.float32)
     n = tf.reduce_sum(active)
     if tracker is not None:
         tracker.update_state(tf.reduce_sum(per_ex_loss) / tf.maximum(n, 1.0), sample_weight=n)
-    cm = getattr(model, "_compile_metrics", None)
     if cm is not None:
         cm.update_state(y, y_pred, sample_weight)
 
@@ -221,9 +235,9 @@ def private_train_step(self, data):
             sample_weight = tf.reshape(sample_weight, [batch])
 
     def forward(xc, yc, wc, report):
-        # Metrics are updated on the first forward pass only (a two-pass
-        # clipping implementation calls loss_fn twice).
-        pending = [report]
+        # Metrics are updated (or, unreported, only built) on the first
+        # forward pass only (a two-pass clipping implementation calls loss_fn twice).
+        pending = [True]
 
         def loss_fn():
             y_pred = self(xc, training=True) if self._call_has_training_arg else self(xc)
@@ -237,7 +251,7 @@ def private_train_step(self, data):
             losses = per_example_loss(yc, y_pred, wc)
             if pending[0]:
                 pending[0] = False
-                _update_metrics(self, yc, y_pred, losses, wc)
+                _update_metrics(self, yc, y_pred, losses, wc, report)
             return losses
 
         return loss_fn
@@ -278,7 +292,9 @@ def private_train_step(self, data):
     opt.apply_private_gradients(grad_sum, variables, physical_batch_size=chunk_size, centered_unclipped_count=count)
     if opts.report_train_metrics:
         return self.get_metrics_result()
-    return {}
+    # Not empty: Keras's fit loop needs at least one log value. The private
+    # step count is public (it is what the accountant counts).
+    return {"dp_steps": opt.dp_steps}
 
 
 def _centered_unclipped_count(norms, sample_weight, nmb, l2_norm_clip):

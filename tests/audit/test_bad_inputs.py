@@ -229,7 +229,7 @@ PYTHON_ROWS = [
     # --- TFX custom config
     ("tfx_epsilon_zero", lambda t: _tfx({"epsilon": 0.0}), r"epsilon"),
     ("tfx_delta_one", lambda t: _tfx({"delta": 1.0}), r"delta"),
-    ("tfx_shuffle_sampling", lambda t: _tfx({"sampling": "shuffle"}), r"sampling.*poisson"),
+    ("tfx_shuffle_sampling", lambda t: _tfx({"sampling": "shuffle"}), r"unknown custom_config key\(s\) \['sampling'\]"),
     ("tfx_unknown_key", lambda t: _tfx({"epsilom": 1.0}), r"unknown custom_config key"),
     ("tfx_clip_zero", lambda t: _tfx({"l2_norm_clip": 0.0}), r"l2_norm_clip"),
 ]
