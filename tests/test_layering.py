@@ -121,3 +121,9 @@ def test_package_docstrings_state_their_layer():
         if stated != {rank}:
             wrong.append(f"{package}: docstring states layer(s) {sorted(stated)}, tests/test_layering.py says {rank}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_docs_architecture_shows_this_layer_map():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    documented = {pkg: int(rank) for rank, pkg in re.findall(r"^\| (\d+) \| `([a-z_.]+)` \|", text, flags=re.M)}
+    assert documented == LAYERS

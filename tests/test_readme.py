@@ -4,6 +4,7 @@ The example is read from README.md itself, so the documentation cannot drift
 from the API. Only sizes and data/model locations are swapped for test ones.
 """
 
+import os
 import pathlib
 import re
 import subprocess
@@ -44,3 +45,27 @@ def test_readme_example_trains_privately(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     steps = int(re.search(r"STEPS (\d+)", result.stdout).group(1))
     assert steps >= 1
+
+
+def test_readme_recipe_example_runs(tmp_path):
+    (example,) = [b for b in _readme_python_blocks() if "finetune(config)" in b]
+    preset = tmp_path / "tiny_bert"
+    substitutions = {
+        '"../shared/data/glue"': repr(str(ROOT / "tests" / "fixtures" / "glue")),
+        'output_dir="runs/sst2",': f"output_dir={str(tmp_path / 'run')!r}, model={str(preset)!r}, batch_size=16, "
+        "physical_batch_size=8, epochs=1, sequence_length=32, max_eval_examples=8,",
+        'export_dir="saved_models",': f"export_dir={str(tmp_path / 'saved_models')!r},",
+    }
+    for old, new in substitutions.items():
+        assert old in example, f"README example changed; update the test's substitution for {old}"
+        example = example.replace(old, new)
+    script = (
+        "from ewtune_tf.nlp.models import save_tiny_bert_preset\n"
+        f"save_tiny_bert_preset({str(preset)!r})\n" + example + "\nprint('CERTIFIED', result.report['certified'])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CERTIFIED True" in result.stdout
