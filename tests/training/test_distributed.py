@@ -49,8 +49,8 @@ print(json.dumps({
 """
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_mirrored_noise_scale(replicas):
+def _run(script: str, *args: str) -> dict:
+    """Runs ``script`` in a fresh interpreter; returns its last line as JSON."""
     env = dict(
         os.environ,
         TF_ENABLE_ONEDNN_OPTS="0",
@@ -58,7 +58,7 @@ def test_mirrored_noise_scale(replicas):
         PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
     )
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(replicas)],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -66,7 +66,12 @@ def test_mirrored_noise_scale(replicas):
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_mirrored_noise_scale(replicas):
+    out = _run(_SCRIPT, str(replicas))
     assert out["replicas"] == replicas
     assert out["steps"] == 2
     # 40000 noise draws: the std estimate is within ~1%; allow 3%.
@@ -120,22 +125,7 @@ print(json.dumps({
 def test_keras_gradient_clipping_and_keyed_records_refused_under_replicas():
     """Keras clips each replica's partial sum (noise sigma*C/sqrt(R)) before the
     all-reduce: refused with 2 replicas before any update, fine with 1."""
-    env = dict(
-        os.environ,
-        TF_ENABLE_ONEDNN_OPTS="0",
-        TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _REFUSAL_SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _run(_REFUSAL_SCRIPT)
     for key, name in (
         ("global_clipnorm_2", "global_clipnorm"),
         ("clipnorm_2", "clipnorm"),
