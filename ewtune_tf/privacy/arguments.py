@@ -36,6 +36,7 @@ def plan_from_arguments(
     certify: bool = True,
     sampling: str = "poisson",
     noise_multiplier_source: Optional[str] = None,
+    record: str = "example",
 ) -> PrivacyPlan:
     """Validates the privacy arguments and, given ``target_epsilon``, calibrates sigma.
 
@@ -44,7 +45,8 @@ def plan_from_arguments(
     calibrated before (a restored config) and is reused, not recalibrated.
     q is ``sampling_probability`` or ``batch_size / num_examples``; giving
     both inconsistently is an error. Planned steps are ``steps``, or
-    ``steps_for_epochs(q, epochs)``.
+    ``steps_for_epochs(q, epochs)``. ``record`` ("example" or
+    "keyed_microbatch") sets the sensitivity the accountant divides sigma by.
     """
     source = _LEGACY_SOURCES.get(noise_multiplier_source, noise_multiplier_source)
     checks.check_choice("noise_multiplier_source", source, ("given",) + CALIBRATION_RULES, optional=True)
@@ -81,6 +83,7 @@ def plan_from_arguments(
         certify=certify,
         sampling=sampling,
         noise_multiplier_rule=source if noise_multiplier is not None and source else "given",
+        record=record,
     )
     if noise_multiplier is None:
         plan = _calibrate(plan, epochs)

@@ -21,7 +21,8 @@ from ewtune_tf import accounting
 
 
 def noise_multiplier_for(plan, rule: str) -> Tuple[float, Dict[str, Any]]:
-    """(sigma, the calibration result as a dict) for ``plan`` under ``rule``."""
+    """(the accountant's sigma, the calibration result as a dict) for ``plan``
+    under ``rule``; the noise multiplier is it times the record's sensitivity."""
     if rule == "rdp":
         return _rdp_noise_multiplier(plan)
     result = accounting.calibrate_noise_multiplier(

@@ -30,8 +30,12 @@ from ewtune_tf.utils import checks
 SAMPLING_SCHEMES = ("poisson", "shuffle")
 ACCOUNTANTS = accounting_validation.METHODS
 ACCOUNTANT_ORDERS = accounting_validation.ORDERS
-# The unit of privacy: what one clipped contribution (norm <= C) belongs to.
-RECORDS = ("example",)
+# The unit whose gradient is clipped to C -> the add/remove sensitivity of the
+# clipped sum in units of C. An example: adding or removing it adds or removes
+# one vector of norm <= C. A keyed microbatch (a group of examples keyed
+# independently of each other; ewtune_tf/mechanism/records.py forms them):
+# one example changes one record from one vector of norm <= C to another.
+RECORDS: Dict[str, float] = {"example": 1.0, "keyed_microbatch": 2.0}
 # How sigma was chosen -> (is the certified epsilon of the plan <= target by
 # construction?, what the rule does). The report names the rule; its epsilon
 # is always the certified epsilon of the sigma that ran, whatever chose it.
@@ -68,7 +72,8 @@ class PrivacyPlan:
         (``ewtune_tf.accounting.compute_epsilon``).
       sampling: "poisson" (what the accountant assumes) or "shuffle".
       noise_multiplier_rule: how sigma was chosen, a key of NOISE_RULES.
-      record: the unit of privacy, "example".
+      record: the unit whose gradient is clipped to C, a key of RECORDS
+        ("example", or "keyed_microbatch" with sensitivity 2C).
       calibration: the CalibrationResult (as a dict) when sigma was calibrated.
     """
 
@@ -98,9 +103,15 @@ class PrivacyPlan:
         return self.noise_multiplier is not None and self.noise_multiplier > 0
 
     @property
+    def sensitivity(self) -> float:
+        """Add/remove sensitivity of the clipped sum, in units of C (1 or 2)."""
+        return RECORDS[self.record]
+
+    @property
     def accounted_noise_multiplier(self) -> Optional[float]:
-        """sigma as the accountant sees it: noise std / the sensitivity of one record (C)."""
-        return self.noise_multiplier
+        """sigma as the accountant sees it: the noise std sigma*C over the
+        sensitivity (C per example, 2C per keyed microbatch)."""
+        return None if self.noise_multiplier is None else self.noise_multiplier / self.sensitivity
 
     @property
     def bounds_target(self) -> bool:
@@ -133,8 +144,12 @@ class PrivacyPlan:
         missing = [k for k in ("target_epsilon", "delta", "sampling_probability", "steps") if getattr(self, k) is None]
         if missing:
             raise ValueError(f"calibrate: the plan needs {', '.join(missing)} to calibrate the noise multiplier.")
-        sigma, result = calibration.noise_multiplier_for(self, rule)
-        return self.replace(noise_multiplier=sigma, noise_multiplier_rule=rule, calibration=result)
+        accounted, result = calibration.noise_multiplier_for(self, rule)
+        # The accountant's sigma times the sensitivity: the noise std (in units
+        # of C) that gives a Gaussian mechanism with that multiplier.
+        return self.replace(
+            noise_multiplier=accounted * self.sensitivity, noise_multiplier_rule=rule, calibration=result
+        )
 
     def dp_event(self, steps: Optional[int] = None):
         """``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)``:
@@ -225,7 +240,7 @@ def _validate_plan(p: PrivacyPlan) -> None:
     checks.check_bool("certify", p.certify)
     checks.check_choice("sampling", p.sampling, SAMPLING_SCHEMES)
     checks.check_choice("noise_multiplier_rule", p.noise_multiplier_rule, tuple(NOISE_RULES))
-    checks.check_choice("record", p.record, RECORDS)
+    checks.check_choice("record", p.record, tuple(RECORDS))
     q, b = p.sampling_probability, p.expected_batch_size
     if q is not None and b is not None and p.num_examples is not None:
         if abs(q - b / p.num_examples) > 1e-9 * q:

@@ -61,10 +61,14 @@ FIELDS: Dict[str, Field] = {
     "noise_multiplier": Field(_OPT_NUM, "sigma: the noise on each step's clipped sum has std sigma * l2_norm_clip."),
     "noise_multiplier_rule": Field((str,), "how sigma was chosen: certified, rdp, estimate, edgeworth_paper or given."),
     "l2_norm_clip": Field(_OPT_NUM, "C: each record's gradient is clipped to L2 norm <= C (null: no clipping)."),
-    "record": Field((str,), "the unit of privacy whose contribution is clipped to C (example)."),
-    "adjacency": Field((str,), "neighbouring datasets differ by adding or removing one record."),
+    "record": Field((str,), "the unit whose gradient is clipped to C: example or keyed_microbatch."),
+    "sensitivity": Field(_NUM, "add/remove sensitivity of the clipped sum, in units of C (1 or 2)."),
+    "accounted_noise_multiplier": Field(
+        _OPT_NUM, "noise_multiplier / sensitivity: the sigma epsilon is computed with."
+    ),
+    "adjacency": Field((str,), "neighbouring datasets differ by adding or removing one example."),
     "sampling": Field((str,), "poisson (what the accountant assumes) or shuffle."),
-    "sampling_probability": Field(_OPT_NUM, "q: each record is in a step's batch independently with probability q."),
+    "sampling_probability": Field(_OPT_NUM, "q: each example is in a step's batch independently with probability q."),
     "num_examples": Field((int, type(None)), "N, the training set size (released: q = expected_batch_size / N)."),
     "expected_batch_size": Field(_OPT_NUM, "q * N; the noised sum is divided by it."),
     "steps": Field((int,), "private steps taken (noise releases), the count epsilon is computed for."),
@@ -143,6 +147,8 @@ def build_report(plan, steps_taken: int, run: Optional[RunFacts] = None) -> Dict
         "noise_multiplier_rule": plan.noise_multiplier_rule,
         "l2_norm_clip": plan.l2_norm_clip if math.isfinite(plan.l2_norm_clip) else None,
         "record": plan.record,
+        "sensitivity": plan.sensitivity,
+        "accounted_noise_multiplier": plan.accounted_noise_multiplier,
         "adjacency": "add_or_remove_one",
         "sampling": plan.sampling,
         "sampling_probability": plan.sampling_probability,
@@ -236,7 +242,7 @@ def overflow_probability(num_examples: int, sampling_probability: float, steps: 
 def _overflow_delta(plan, sampler, steps: int, eps: Optional[float]) -> Optional[float]:
     """(1 + e^eps) * p: coupling the bounded run with the unbounded one, which
     differ only when a batch overflows, for the dataset and its neighbour
-    (one more record, so N + 1 in p)."""
+    (one more example, so N + 1 in p)."""
     m = None if sampler is None else sampler.get("max_batch_size")
     if m is None or steps == 0:
         return 0.0

@@ -31,7 +31,6 @@ import time
 from typing import Any, Dict, List, Mapping, Optional
 
 from ewtune_tf.privacy import PrivacyPlan, Release, RunFacts
-from ewtune_tf.privacy.report import history_entry
 from ewtune_tf.recipe import checkpoint as ckpt_lib
 from ewtune_tf.recipe import monitoring
 from ewtune_tf.recipe import optimization as opt_lib
@@ -420,21 +419,19 @@ def _releases(config: FinetuneConfig) -> tuple:
 
 
 def _report(run: _Run, steps: int) -> Dict[str, Any]:
-    c, o = run.config, run.objects
+    """The privacy report of the steps taken (``PrivacyPlan.report``)."""
+    from ewtune_tf.training.report import mechanism_facts
+
+    c, o, private = run.config, run.objects, run.plan.private
     budget = o.get("budget")
-    keys = tuple(history_entry(0, 0, None))  # The schema's history entry.
-    history = [{k: h[k] for k in keys} for h in (budget.history if budget is not None else [])]
+    mechanism = mechanism_facts(o["optimizer"].privacy_config) if private else {}
+    mechanism.update(physical_batch_size=c.physical_batch_size, clip_group_norms=opt_lib.clip_groups_report(c))
     facts = RunFacts(
-        sampler=run.facts["sampler"] if run.plan.private else None,
-        mechanism={
-            "clipping": c.clipping if run.plan.private else None,
-            "clip_groups": opt_lib.clip_groups_report(c),
-            "num_microbatches": None,
-            "physical_batch_size": c.physical_batch_size,
-            "noise_seed": "secret (OS entropy), one stream per process and replica",
-        },
+        noise_seed_fixed=private and o["optimizer"].privacy_config.noise_seed is not None,
+        sampler=run.facts["sampler"] if private else None,
+        mechanism=mechanism,
         released_without_privacy=_releases(c),
-        epsilon_history=history,
+        epsilon_history=list(budget.history) if budget is not None else [],
         run=_provenance(run),
     )
     return run.plan.report(steps, facts)

@@ -72,12 +72,7 @@ def accumulation_steps(config) -> int:
 
 
 def make_optimizer(config, plan, classifier, total_steps: int):
-    """EWTuneAdam running ``plan`` (or plain Adam for ``no_dp``).
-
-    The budget cap is the plan's target only when sigma's rule guarantees it
-    (``plan.bounds_target``): a sigma chosen by a point estimate is trained for
-    its planned steps and reported with its certified epsilon.
-    """
+    """EWTuneAdam running ``plan`` (or plain Adam for ``no_dp``)."""
     import keras
 
     kwargs: Dict[str, Any] = {"learning_rate": learning_rate(config, total_steps)}
@@ -86,25 +81,10 @@ def make_optimizer(config, plan, classifier, total_steps: int):
     if config.no_dp:
         accumulate = accumulation_steps(config)
         return keras.optimizers.Adam(**kwargs, gradient_accumulation_steps=accumulate if accumulate > 1 else None)
-    from ewtune_tf import accounting
     from ewtune_tf.optimizers import EWTuneAdam
 
-    return EWTuneAdam(
-        **kwargs,
-        l2_norm_clip=plan.l2_norm_clip,
-        noise_multiplier=plan.noise_multiplier,
-        noise_multiplier_source="calibrated" if plan.noise_multiplier_rule != "given" else "given",
-        target_epsilon=plan.target_epsilon if plan.bounds_target else None,
-        target_delta=plan.delta,
-        num_examples=plan.num_examples,
-        batch_size=plan.expected_batch_size,
-        sampling_probability=plan.sampling_probability,
-        epochs=plan.steps / accounting.steps_per_epoch(plan.sampling_probability),
-        accountant_method=plan.accountant,
-        certify=plan.certify,
-        clipping=config.clipping,
-        clip_groups=head_clip_groups(classifier, config.head_clip_share),
-    )
+    groups = head_clip_groups(classifier, config.head_clip_share)
+    return EWTuneAdam(**kwargs, plan=plan, clipping=config.clipping, clip_groups=groups)
 
 
 def defer_ema_finalization(optimizer):

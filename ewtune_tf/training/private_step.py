@@ -258,7 +258,7 @@ def private_train_step(self, data):
         # known (ValueError before the first update if a group is unusable).
         groups=privacy_config_lib.resolve_clip_groups(cfg.clip_groups, [getattr(v, "path", v.name) for v in variables]),
         num_microbatches=cfg.num_microbatches,
-        expected_batch_size=cfg.expected_batch_size,
+        expected_batch_size=cfg.plan.expected_batch_size,
     )
     rows = _rows(x, y, sample_weight, cfg.num_microbatches)
     result = clipped_sum_lib.logical_clipped_sum(

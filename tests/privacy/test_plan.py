@@ -48,17 +48,7 @@ def test_rules_choose_sigma_and_the_certified_epsilon_of_what_ran_is_reported():
 
 
 def test_inconsistent_sampling_probability_is_refused():
-    """Issue 13.5: q = 0.05 with batch_size / num_examples = 0.01 used to become 0.01 silently."""
-    with pytest.raises(ValueError, match=r"sampling_probability=0.05 disagrees with batch_size / num_examples"):
-        plan_from_arguments(
-            l2_norm_clip=1.0,
-            target_epsilon=1.0,
-            target_delta=1e-5,
-            sampling_probability=0.05,
-            batch_size=100,
-            num_examples=10000,
-            epochs=1,
-        )
+    """Issue 13.5 (the optimizer's path: tests/optimizers/test_dp_optimizer.py)."""
     with pytest.raises(ValueError, match="disagrees"):
         PrivacyPlan(0.05, 1.0, num_examples=10000, expected_batch_size=100)
     consistent = plan_from_arguments(

@@ -204,7 +204,7 @@ def test_head_clip_share_splits_the_clip_budget(tmp_path, tiny_preset, capsys):
     )
     assert rc == 0
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
-    groups = report["mechanism"]["clip_groups"]
+    groups = report["mechanism"]["clip_group_norms"]
     assert groups["head"]["l2_norm_clip"] == pytest.approx(1.0)
     assert groups["head"]["l2_norm_clip"] ** 2 + groups["rest"]["l2_norm_clip"] ** 2 == pytest.approx(4.0)
     assert report["l2_norm_clip"] == 2.0 and report["certified"]
