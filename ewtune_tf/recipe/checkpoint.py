@@ -35,7 +35,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from ewtune_tf.recipe.config import PLAN_SOURCES
-from ewtune_tf.recipe.settings import ConfigError
+from ewtune_tf.recipe.settings import ConfigError, escape
 from ewtune_tf.utils.files import atomic_write_json, read_json
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -87,16 +87,13 @@ def read_state(output_dir: str) -> Optional[Dict[str, Any]]:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"format {state.get('format')!r}, this version reads {STATE_FORMAT}")
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError.about(
+        raise ConfigError(
+            "{output_dir} "
+            + escape(f"{output_dir!r} holds an unreadable checkpoint state {path} ({e}); ")
+            + "remove its checkpoints/ directory or use another output directory.",
             "output_dir",
-            f"\x00output_dir\x00 {output_dir!r} holds an unreadable checkpoint state {path} ({e}); "
-            "remove its checkpoints/ directory or use another output directory.",
         ) from None
     return state
-
-
-def _escape(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
 
 
 def _mismatches(saved: Dict, current: Dict, sources: Dict[str, tuple], settings: set) -> List[str]:
@@ -105,7 +102,7 @@ def _mismatches(saved: Dict, current: Dict, sources: Dict[str, tuple], settings:
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             names = ", ".join("{" + s + "}" if s in settings else s for s in sources.get(key, (key,)))
-            out.append(f"{key} [{names}]: " + _escape(f"checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"))
+            out.append(f"{key} [{names}]: " + escape(f"checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"))
     return out
 
 
@@ -118,7 +115,7 @@ def decide_resume(config, plan) -> Optional[Dict[str, Any]]:
     state = read_state(config.output_dir)
     if state is None:
         return None
-    where = _escape(os.path.join(checkpoint_dir(config.output_dir), state["checkpoint"]))
+    where = escape(os.path.join(checkpoint_dir(config.output_dir), state["checkpoint"]))
     settings = set(config.to_dict())
     if config.no_resume:
         raise ConfigError(

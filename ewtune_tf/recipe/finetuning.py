@@ -36,7 +36,7 @@ from ewtune_tf.recipe import monitoring
 from ewtune_tf.recipe import optimization as opt_lib
 from ewtune_tf.recipe.config import FinetuneConfig
 from ewtune_tf.recipe.data import TextExamples, resolve_data
-from ewtune_tf.recipe.settings import ConfigError, leading_field
+from ewtune_tf.recipe.settings import ConfigError, escape
 from ewtune_tf.utils.files import atomic_write_json, read_json
 from ewtune_tf.utils.versions import package_versions
 
@@ -152,9 +152,9 @@ def _prepare(config: FinetuneConfig, train, dev, t_start: float) -> _Run:
         label_names = tuple(str(i) for i in range(num_classes))
     for name, data in [("train", train), *devs.items()]:
         if len(data) and (data.labels.min() < 0 or data.labels.max() >= num_classes):
+            # Which labels, or how many, is not said: they are private data.
             raise ConfigError(
-                f"{{num_classes}} is {num_classes}, but the {name} labels span "
-                f"[{data.labels.min()}, {data.labels.max()}]; labels must be in [0, num_classes).",
+                f"{{num_classes}} is {num_classes}, but some {name} labels are outside [0, {num_classes}).",
                 "num_classes",
             )
     _log(
@@ -188,7 +188,9 @@ def _make_strategy(name: str):
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except Exception as e:  # No TPU here.
-        raise ConfigError(f"{{strategy}} tpu needs a reachable TPU ({type(e).__name__}: {e}).", "strategy") from None
+        raise ConfigError(
+            f"{{strategy}} tpu needs a reachable TPU ({type(e).__name__}: {escape(e)}).", "strategy"
+        ) from None
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -207,10 +209,10 @@ def _build_classifier(run: _Run):
             pooling=c.pooling,
         )
     except ValueError as e:
-        field = leading_field(str(e), tuple(c.to_dict()))
-        if field is None:
+        error = ConfigError.from_library(str(e), tuple(c.to_dict()))
+        if error is None:
             raise
-        raise ConfigError.about(field, "\x00" + field + "\x00" + str(e)[len(field) :]) from None
+        raise error from None
 
 
 def _build(run: _Run) -> None:

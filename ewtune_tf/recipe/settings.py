@@ -22,6 +22,11 @@ def plain_name(field: str) -> str:
     return field
 
 
+def escape(text: str) -> str:
+    """``text`` as a literal inside a ConfigError template."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 class ConfigError(ValueError):
     """A setting is out of range or inconsistent with the data (exit status 2 in the CLI).
 
@@ -44,8 +49,15 @@ class ConfigError(ValueError):
     @classmethod
     def about(cls, field: str, message: str) -> "ConfigError":
         """Wraps a message that names ``field`` as ``{field}``; other braces are kept literally."""
-        escaped = message.replace("{", "{{").replace("}", "}}")
-        return cls(escaped.replace(_MARK + field + _MARK, "{" + field + "}"), field)
+        return cls(escape(message).replace(_MARK + field + _MARK, "{" + field + "}"), field)
+
+    @classmethod
+    def from_library(cls, message: str, fields: Sequence[str]) -> Optional["ConfigError"]:
+        """A library ValueError that starts with a setting's name
+        (``"sequence_length must be ..."``) as a ConfigError; None otherwise."""
+        match = re.match(r"[A-Za-z_0-9]+", message)
+        field = match.group(0) if match and match.group(0) in fields else None
+        return None if field is None else cls("{" + field + "}" + escape(message[len(field) :]), field)
 
     @classmethod
     def checking(cls, field: str, check: Callable[[str], Any]) -> Any:
@@ -181,12 +193,6 @@ def validate_fields(config, deep: bool = False) -> dict:
         else:
             out[field.name] = ConfigError.checking(field.name, lambda n, c=s.check, v=value: c.validate(n, v))
     return out
-
-
-def leading_field(message: str, fields: Sequence[str]) -> Optional[str]:
-    """The setting a library ValueError names first (``"sequence_length must be ..."``), if any."""
-    match = re.match(r"[A-Za-z_0-9]+", message)
-    return match.group(0) if match and match.group(0) in fields else None
 
 
 def flag_name(field: str) -> str:
