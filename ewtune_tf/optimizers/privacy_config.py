@@ -269,6 +269,7 @@ def resolve_privacy_config(
         q = b / n
     if q is not None and n is not None and b is None:
         b = q * n
+    _check_microbatching(num_microbatches, clipping, b)
 
     calibrated = noise_multiplier_source == "calibrated"
     if target_epsilon is not None and noise_multiplier is not None and not calibrated:
@@ -330,7 +331,6 @@ def resolve_privacy_config(
             "offers NO privacy. Use only for tests.",
             stacklevel=3,
         )
-    _check_microbatching(num_microbatches, clipping, b)
     groups = check_clip_group_spec(clip_groups)
     if groups is not None and target_unclipped_quantile is not None:
         raise ValueError(
