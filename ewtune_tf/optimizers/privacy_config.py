@@ -178,6 +178,7 @@ def resolve_privacy_config(plan: Optional[PrivacyPlan] = None, **arguments) -> P
     mechanism = {k: arguments.pop(k) for k in MECHANISM_ARGUMENTS if k in arguments}
     m = records_lib.check_num_microbatches(mechanism.get("num_microbatches"))
     record = records_lib.record_definition(m)
+    _check_keyed_clipping(m, mechanism.get("clipping", "ghost"))  # Before any (slow) calibration.
     if plan is None:
         if "l2_norm_clip" not in arguments:
             raise ValueError("l2_norm_clip (the per-record clip norm C, > 0) is required.")
@@ -249,19 +250,24 @@ def _mechanism_config(
     )
 
 
-def _check_microbatching(num_microbatches: Optional[int], clipping: str, expected_batch_size: Optional[float]) -> None:
-    """Keyed microbatch records need an expected batch size and a clipping
-    implementation that accumulates record gradients over chunks."""
-    if num_microbatches is None:
-        return
-    if expected_batch_size is None:
-        raise ValueError(
-            f"num_microbatches={num_microbatches} needs batch_size (the expected logical batch size, > 0): "
-            "a record's loss is its examples' loss sum over the expected group size batch_size / num_microbatches."
-        )
-    if clipping not in clipping_lib.keyed_record_impls():
+def _check_keyed_clipping(num_microbatches: Optional[int], clipping: str) -> None:
+    """Keyed microbatch records need a clipping implementation that accumulates
+    record gradients over the physical chunks of a logical batch."""
+    if num_microbatches is not None and clipping not in clipping_lib.keyed_record_impls():
         raise ValueError(
             f"num_microbatches={num_microbatches} with clipping={clipping!r}: keyed record groups are accumulated "
             "over the physical chunks of a logical batch before they are clipped, which ghost norms cannot do; "
             f"use clipping in {list(clipping_lib.keyed_record_impls())}, or num_microbatches=None."
+        )
+
+
+def _check_microbatching(num_microbatches: Optional[int], clipping: str, expected_batch_size: Optional[float]) -> None:
+    """Keyed microbatch records also need an expected batch size (record losses are normalised by it)."""
+    if num_microbatches is None:
+        return
+    _check_keyed_clipping(num_microbatches, clipping)
+    if expected_batch_size is None:
+        raise ValueError(
+            f"num_microbatches={num_microbatches} needs batch_size (the expected logical batch size, > 0): "
+            "a record's loss is its examples' loss sum over the expected group size batch_size / num_microbatches."
         )

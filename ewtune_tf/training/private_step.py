@@ -176,8 +176,9 @@ def _guarded_make_train_function(self, force=False):
 
     XLA compiles ``tf.debugging`` asserts away, so with ``jit_compile=True``
     the in-graph checks of the private step (restored state matches the
-    configuration, budget cap, finite gradients) do not run. The budget and
-    configuration checks are then done on the host before every step.
+    configuration, budget cap, the finite-sum bug guard) do not run. The
+    budget and configuration checks are then done on the host before every
+    step. (Non-finite records need no assert: they are masked in-graph.)
     """
     type(self).make_train_function(self, force=force)
     fn = self.train_function
