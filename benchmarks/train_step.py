@@ -82,6 +82,7 @@ def _worker(setting: str, impl: str, batch: int, seq: int, steps: int) -> Dict:
 
     sys.path.insert(0, str(ROOT))
     from ewtune_tf.mechanism import clipping
+    from ewtune_tf.mechanism import records as records_lib
 
     keras.utils.set_random_seed(0)
     model = keras_hub.models.BertTextClassifier.from_preset(minilm_dir(), num_classes=2, preprocessor=None)
@@ -116,14 +117,16 @@ def _worker(setting: str, impl: str, batch: int, seq: int, steps: int) -> Dict:
         optimizer.apply(grads, variables)
         return loss
 
-    fn = clipping.get_clipping_impl(impl)
     nmb = NUM_MICROBATCHES.get(impl)
+    # Keyed microbatch records (ewtune_tf.mechanism.records): row i has key i.
+    records = None if nmb is None else records_lib.microbatch_records(tf.range(batch), nmb, float(batch))
     l2_norm_clip, sigma = 1.0, 1.0
     denom = float(batch if nmb is None else nmb)
 
     @tf.function(jit_compile=False)
     def dp_step(xb, yb):
-        res = fn(model, lambda: per_example_loss(xb, yb), variables, l2_norm_clip, nmb)
+        loss_fn = lambda: per_example_loss(xb, yb)
+        res = clipping.clipped_gradient_sum(impl, model, loss_fn, variables, l2_norm_clip, records)
         grads = [(g + tf.random.normal(tf.shape(g), stddev=sigma * l2_norm_clip)) / denom for g in res.grad_sum]
         optimizer.apply(grads, variables)
         return tf.reduce_mean(res.norms)

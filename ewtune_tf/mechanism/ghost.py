@@ -58,7 +58,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import tensorflow as tf
 
-from ewtune_tf.mechanism import clipping, ghost_layers, per_example
+from ewtune_tf.mechanism import clipping, ghost_layers
 from ewtune_tf.mechanism.ghost_layers import (
     SUPPORTED_LAYERS,
     EinsumTap,
@@ -226,19 +226,21 @@ def _sq(x: tf.Tensor) -> tf.Tensor:
 
 
 def _records_per_group(batch_size, num_microbatches: Optional[int]) -> tuple:
-    """(k, k as float tensor): examples per record."""
-    per_example.check_num_microbatches(num_microbatches, batch_size)
-    if num_microbatches is None:
-        return 1, tf.constant(1.0)
-    if batch_size is None:
+    """(1, 1.0): ghost records are examples.
+
+    Keyed microbatch records (``ewtune_tf.mechanism.records``) are groups of
+    the whole logical batch, accumulated over physical chunks before they are
+    clipped; ghost norms of a group do not add across chunks, so ghost
+    clipping refuses them (records of consecutive rows are not sound: adding
+    one example shifts every later group).
+    """
+    del batch_size
+    if num_microbatches is not None:
         raise ValueError(
-            "ghost clipping with num_microbatches needs a static batch size; "
-            "use num_microbatches=None or a fixed physical batch."
+            f"num_microbatches={num_microbatches!r}: ghost clipping forms per-example records only; use "
+            "clipping='vectorized' or 'microbatch' for keyed microbatch records."
         )
-    if batch_size % num_microbatches != 0:
-        raise ValueError(f"num_microbatches={num_microbatches} does not divide the physical batch size {batch_size}.")
-    k = batch_size // num_microbatches
-    return k, tf.constant(float(k))
+    return 1, tf.constant(1.0)
 
 
 def ghost_clipped_gradients(
@@ -370,6 +372,9 @@ def ghost_clipped_gradients(
     norms, factors, assignment = clipping.clip_factors_by_group(
         sq_terms, len(variables), num_records, l2_norm_clip, groups
     )
+    # A record with a non-finite norm contributes exactly 0: its factor is 0
+    # and, since 0 * NaN is NaN, its rows of every tap are masked too.
+    finite = clipping.finite_records(norms)
 
     grad_sum: List[Optional[tf.Tensor]] = [None] * len(variables)
 
@@ -396,21 +401,31 @@ def ghost_clipped_gradients(
     else:
         for tap, g, plan in zip(taps, out_grads, plans):
             sc = scaled[assignment[tap.var_index]]
+            g = clipping.mask_records(g, finite)
             if isinstance(tap, EinsumTap):
                 p, pe = plan
+                if pe is None:
+                    p.a = clipping.mask_records(p.a, finite)
+                else:
+                    pe = clipping.mask_records(pe, finite)
                 add(tap.var_index, p.weighted_sum(g, sc, pe))
             elif isinstance(tap, GatherTap):
                 add(tap.var_index, _gather_weighted_sum(tap, g, sc, k))
             else:
-                add(tap.var_index, tap.expand(tf.tensordot(sc, plan, axes=[[0], [0]])))
+                add(tap.var_index, tap.expand(tf.tensordot(sc, clipping.mask_records(plan, finite), axes=[[0], [0]])))
     # Fallback variables: the clipped sum of their jacobian rows (the records
     # already include the 1/k of a microbatch mean).
     for i, j in zip(fallback, jac):
-        add(i, tf.tensordot(factors[assignment[i]], j, axes=[[0], [0]]))
+        add(i, tf.tensordot(factors[assignment[i]], clipping.mask_records(j, finite), axes=[[0], [0]]))
     del tape
 
     result = [g if g is not None else tf.zeros(v.shape, tf.float32) for g, v in zip(grad_sum, tf_vars)]
-    return clipping.ClippedGradients(result, norms, num_records)
+    norms, dropped = clipping.dropped_records(norms)
+    # Book-keeping sums are formed per row from captured tap pairs, so a NaN
+    # stays in its own record; the jacobian fallback and the two-pass
+    # backward pass mix rows (0 * NaN), so the caller must isolate them.
+    isolated = not two_pass and not fallback
+    return clipping.ClippedGradients(result, norms, num_records, dropped, isolated)
 
 
 def bookkeeping_clipped_gradients(
