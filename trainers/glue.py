@@ -40,6 +40,9 @@ from ewtune_tf.recipe.config import FinetuneConfig
 from ewtune_tf.recipe.settings import ConfigError, add_arguments, config_from_arguments, flag_name
 
 PROG = "ewtune-train"
+# The main job's settings (FinetuneConfig's defaults) as a dict, for scripts
+# that time or reproduce it (benchmarks); the defaults live in the config.
+DEFAULTS = FinetuneConfig().to_dict()
 
 
 def build_parser() -> argparse.ArgumentParser:
