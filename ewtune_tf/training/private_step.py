@@ -34,8 +34,11 @@ all-reduce SUM of the gradients yields std ``sigma*C`` once per step (see
 ``ewtune_tf.mechanism.noise``). ``MirroredStrategy`` works with ``fit``. For
 ``MultiWorkerMirroredStrategy`` Keras 3.15's ``fit`` fails before the first
 step even for non-private models (``_maybe_symbolic_build`` eagerly reduces a
-PerReplica batch); use a custom loop, ``strategy.run(model.train_step,
-args=(batch,))`` inside a ``tf.function``, after ``optimizer.build``.
+PerReplica batch); use the loop body of ``ewtune_tf.training.distributed``
+(``make_step_function``), as the recipe does. Every example of a logical
+step must be processed by exactly one replica, and every replica must take
+every step: ``ewtune_tf.data.global_poisson`` feeds each replica its shard of
+one global Poisson sample.
 
 Keyed microbatch records need one replica: tf.distribute splits a batch
 into consecutive slices, so a group's members would be clipped per replica,
@@ -183,17 +186,26 @@ def _guarded_make_train_function(self, force=False):
     type(self).make_train_function(self, force=force)
     fn = self.train_function
     if fn is not None and self.jit_compile and not getattr(fn, "_ewtune_host_guard", False):
-        opt = _resolve_optimizer(self)
 
         def guarded(iterator):
-            opt.check_privacy_state()
             # One call runs up to steps_per_execution private steps.
-            opt.check_budget(int(getattr(self, "steps_per_execution", 1) or 1))
+            check_before_steps(self, int(getattr(self, "steps_per_execution", 1) or 1))
             return fn(iterator)
 
         guarded._ewtune_host_guard = True
         self.train_function = guarded
     return self.train_function
+
+
+def check_before_steps(model, steps: int = 1) -> None:
+    """Host-side privacy checks before ``steps`` private steps of ``model``:
+    the restored privacy state equals the optimizer's configuration
+    (ValueError) and ``steps`` more steps fit under the budget cap
+    (PrivacyBudgetExhausted). The in-graph asserts check the same, but XLA
+    compiles them away."""
+    opt = _resolve_optimizer(model)
+    opt.check_privacy_state()
+    opt.check_budget(steps)
 
 
 def is_private(model) -> bool:
