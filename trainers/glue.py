@@ -13,7 +13,10 @@ checkpoints and resume work, is documented in ``ewtune_tf.recipe.finetuning``
 and ``ewtune_tf.recipe.checkpoint``.
 
 Exit status 2 and a message naming the flag and its allowed range for a bad
-setting (before anything is loaded or written); 1 for missing data.
+setting (before anything is loaded or written); 1 for missing data; 138 when
+another worker of a ``--strategy multi_worker`` run stopped (Kubeflow's
+``restartPolicy: ExitCode`` retries it; rerunning every worker resumes). Run it
+once per host with ``TF_CONFIG`` set; see ``docs/distributed.md``.
 
 Outputs in --output_dir: privacy_report.json (the ``ewtune_tf.privacy``
 report schema), metrics.json, epsilon_history.json, TensorBoard logs,
@@ -76,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from ewtune_tf.nlp.glue import GlueDataError
     from ewtune_tf.recipe import finetune
+    from ewtune_tf.recipe.cluster import WORKER_LOST_EXIT_CODE, WorkerLost
 
     try:
         result = finetune(config_from_arguments(FinetuneConfig, args))
@@ -86,6 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GlueDataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except WorkerLost as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return WORKER_LOST_EXIT_CODE
     summary = result.summary()
     _print_summary(dict(summary, dev_accuracy_by_split=result.metrics["dev_accuracy_by_split"]))
     print(json.dumps(summary), flush=True)  # The last line (Infinity for the non-private baseline).

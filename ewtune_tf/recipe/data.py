@@ -6,6 +6,7 @@
 """
 
 import dataclasses
+import hashlib
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -47,6 +48,15 @@ class TextExamples:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def digest(self) -> str:
+        """SHA-256 of the texts and labels: whether two processes hold the same
+        data (compared across workers; a digest of private data, never logged)."""
+        h = hashlib.sha256(self.labels.tobytes())
+        for texts in self.texts:
+            for text in texts:
+                h.update(str(text).encode("utf-8") + b"\0")
+        return h.hexdigest()
 
     def take(self, n: Optional[int]) -> "TextExamples":
         """The first ``n`` examples (all if ``n`` is None)."""

@@ -7,15 +7,21 @@ One run:
    (``FinetuneConfig.privacy_plan``: q = B/N, the steps of the epochs,
    sigma calibrated to a certified epsilon) and decides fresh start or resume
    -- all before anything is written.
-2. Builds the classifier (``ewtune_tf.nlp.build_classifier``: MiniLM-L6 with
-   LoRA by default), tokenizes, and compiles ``EWTuneAdam`` running the plan;
-   ``make_private`` makes ``fit`` take private steps.
-3. Trains one ``fit`` per epoch over freshly Poisson-sampled logical batches
-   (sorted by length and cut to their longest row per physical chunk; a
-   permutation of the sampled batch changes nothing in the mechanism), with
-   ``PrivacyBudget``, checkpoints (``ewtune_tf.recipe.checkpoint``), progress
-   and TensorBoard (``ewtune_tf.recipe.monitoring``).
-4. Evaluates on the dev split(s), writes the privacy report
+2. Builds the ``tf.distribute`` strategy and this process's place in it
+   (``ewtune_tf.recipe.cluster``: every worker trains, the chief writes), the
+   classifier (``ewtune_tf.nlp.build_classifier``: MiniLM-L6 with LoRA by
+   default), tokenizes, and compiles ``EWTuneAdam`` running the plan;
+   ``make_private`` makes its train step private.
+3. Trains the planned steps epoch by epoch in the recipe's own loop
+   (``ewtune_tf.recipe.loop``: ``fit``'s epoch loop, which also runs under
+   ``MultiWorkerMirroredStrategy``). Each step is one global Poisson sample,
+   drawn alike on every worker from a seed the chief shares, each replica
+   taking its shard (``ewtune_tf.data.global_poisson``); each shard is sorted
+   by length and cut to its longest row per physical chunk (a permutation of
+   the sampled rows changes nothing in the mechanism). ``PrivacyBudget``,
+   checkpoints (``ewtune_tf.recipe.checkpoint``), progress and TensorBoard
+   (``ewtune_tf.recipe.monitoring``) run as callbacks.
+4. On the chief: evaluates on the dev split(s), writes the privacy report
    (``PrivacyPlan.report``: the certified epsilon of the steps actually
    taken), metrics and the privacy plot, and exports a SavedModel with the
    report as an asset.
@@ -32,6 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ewtune_tf.privacy import PrivacyPlan, Release, RunFacts
 from ewtune_tf.recipe import checkpoint as ckpt_lib
+from ewtune_tf.recipe import cluster as cluster_lib
 from ewtune_tf.recipe import monitoring
 from ewtune_tf.recipe import optimization as opt_lib
 from ewtune_tf.recipe.config import FinetuneConfig
@@ -112,8 +119,14 @@ class _Run:
     def start_step(self) -> int:
         return 0 if self.resume_state is None else int(self.resume_state["step"])
 
+    @property
+    def cluster(self) -> "cluster_lib.Cluster":
+        return self.objects["cluster"]
+
     def path(self, name: str) -> str:
-        return os.path.join(self.config.output_dir, name)
+        """Where this process writes ``name``: under ``output_dir`` on the chief,
+        under a scratch directory on the other workers."""
+        return os.path.join(self.cluster.write_dir, name)
 
 
 def _log(msg: str) -> None:
@@ -134,9 +147,14 @@ def finetune(config: FinetuneConfig, train=None, dev=None) -> FinetuneResult:
         an existing checkpoint (raised before anything is written).
     """
     run = _prepare(config, train, dev, time.perf_counter())
-    _build(run)
-    _train(run)
-    return _finish(run)
+    try:
+        _build(run)
+        with cluster_lib.worker_loss(run.objects.get("cluster"), config.output_dir):
+            _train(run)
+        return _finish(run)
+    finally:
+        if "cluster" in run.objects:
+            run.cluster.close()
 
 
 def _prepare(config: FinetuneConfig, train, dev, t_start: float) -> _Run:
@@ -225,6 +243,8 @@ def _build(run: _Run) -> None:
     c, o = run.config, run.objects
     keras.utils.set_random_seed(c.seed)
     o["strategy"] = strategy = _make_strategy(c.strategy)
+    o["cluster"] = cluster_lib.Cluster.of(strategy, c.output_dir)
+    _log(f"[cluster] {c.strategy}: {run.cluster.describe()}")
     with strategy.scope():
         o["classifier"] = classifier = _build_classifier(run)
     params = models.count_parameters(classifier)
@@ -252,62 +272,64 @@ def _build(run: _Run) -> None:
     o["counter"] = ckpt_lib.StepCounter(optimizer, run.plan.private, opt_lib.accumulation_steps(c))
 
 
-def _epoch_seed(sampling_seed: int, epoch: int) -> int:
-    """Poisson seed of one epoch (``sampling_seed`` only): with the batch index
-    inside the epoch it determines the batch, so a step's batch depends only
-    on (sampling_seed, logical step)."""
-    return (int(sampling_seed) * 1_000_003 + int(epoch)) % (2**62)
-
-
-def _sampler_facts(run: _Run) -> Dict[str, Any]:
-    """What the Poisson sampler runs (``PoissonBatches.report()``'s fields), from the plan and settings."""
-    from ewtune_tf import accounting
-
-    plan = run.plan
-    return {
-        "sampling": "poisson",
-        "num_examples": plan.num_examples,
-        "sampling_probability": plan.sampling_probability,
-        "expected_batch_size": plan.expected_batch_size,
-        "steps_per_epoch": accounting.steps_per_epoch(plan.sampling_probability),
-        "max_batch_size": None,
-        "overflow": "error",
-        "overflow_probability_bound": 0.0,
-        "overflow_count": None,
-        "fixed_seed": run.config.sampling_seed is not None,
-    }
-
-
-def _epoch_data(run: _Run, base_ds, epoch: int, steps: int, skip: int):
-    """(dataset, fit steps) of one epoch: ``steps`` logical batches, the first ``skip`` dropped."""
+def _batches(run: _Run):
+    """``(epoch, first, stop) -> (dataset, steps)``: this process's input for the
+    logical steps ``first .. stop - 1`` of ``epoch`` (one element per replica per
+    step) and the number of loop steps it feeds."""
     import tensorflow as tf
 
+    features = {k: tf.constant(v) for k, v in run.objects["train_tokens"].items()}
+    base_ds = tf.data.Dataset.from_tensor_slices((features, tf.constant(run.train.labels)))
+    return _private_batches(run, base_ds) if run.plan.private else _baseline_batches(run, base_ds)
+
+
+def _private_batches(run: _Run, base_ds):
+    """Each step one global Poisson sample at the plan's q, every replica its shard."""
+    from ewtune_tf.data.global_poisson import GlobalPoissonSampler, shared_seed
     from ewtune_tf.nlp.models import sort_by_length
 
-    c = run.config
-    if run.plan.private:
-        from ewtune_tf.data import poisson_batches
+    c, cluster = run.config, run.cluster
+    sampler = GlobalPoissonSampler(
+        base_ds,
+        run.plan.sampling_probability,
+        seed=shared_seed(cluster.strategy, c.sampling_seed),  # A collective: the chief's secret draw.
+        num_replicas=cluster.num_replicas,
+        replica_ids=cluster.replica_ids,
+        seeded=c.sampling_seed is not None,
+        total_steps=run.plan.steps,
+    )
+    run.facts["sampler"] = sampler.report()
+    return lambda epoch, first, stop: (sampler.batches(first, stop).map(sort_by_length), stop - first)
 
-        seed = None if c.sampling_seed is None else _epoch_seed(c.sampling_seed, epoch)
-        q = run.plan.sampling_probability
-        batches = poisson_batches(base_ds, sampling_probability=q, steps=steps, epochs=1, seed=seed)
-        run.facts["sampler"].update(fixed_seed=batches.seeded, sampling_probability=batches.sampling_probability)
-        return batches.dataset.skip(skip).map(sort_by_length), None  # Exactly steps - skip batches.
-    # Baseline: fixed-size shuffled logical batches of B, sorted by length and
-    # cut into the private path's physical chunks (Keras accumulates them),
-    # so padding costs the same. Each logical batch is `accumulate` chunks.
+
+def _baseline_batches(run: _Run, base_ds):
+    """``no_dp``: fixed-size shuffled logical batches of B, sorted by length and
+    cut into the private path's physical chunks (Keras accumulates them), so
+    padding costs the same; each loop step is one chunk, split over the replicas."""
+    import tensorflow as tf
+
+    from ewtune_tf import accounting
+    from ewtune_tf.nlp.models import sort_by_length
+    from ewtune_tf.recipe.loop import split_rows
+
+    c, cluster = run.config, run.cluster
     accumulate = opt_lib.accumulation_steps(c)
     chunk = c.batch_size // accumulate
-    ds = (
-        base_ds.shuffle(len(run.train), seed=c.seed + epoch, reshuffle_each_iteration=False)
-        .repeat()
-        .batch(chunk * accumulate, drop_remainder=True)
-        .map(lambda x, y: sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
-        .unbatch()
-        .batch(chunk, drop_remainder=True)
-        .skip(skip * accumulate)
-    )
-    return ds, (steps - skip) * accumulate
+    per_epoch = accounting.steps_per_epoch(run.plan.sampling_probability)
+
+    def batches(epoch: int, first: int, stop: int):
+        ds = (
+            base_ds.shuffle(len(run.train), seed=c.seed + epoch, reshuffle_each_iteration=False)
+            .repeat()
+            .batch(chunk * accumulate, drop_remainder=True)
+            .map(lambda x, y: sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
+            .unbatch()
+            .batch(chunk, drop_remainder=True)
+            .skip((first - epoch * per_epoch) * accumulate)
+        )
+        return split_rows(ds, cluster.num_replicas, cluster.replica_ids), (stop - first) * accumulate
+
+    return batches
 
 
 def _callbacks(run: _Run) -> List[Any]:
@@ -326,7 +348,7 @@ def _callbacks(run: _Run) -> List[Any]:
         )
     o["budget"] = budget
     sidecar = {"plan": ckpt_lib.plan_record(plan), "settings": c.resume_settings()}
-    ckpt_dir = ckpt_lib.checkpoint_dir(c.output_dir)
+    ckpt_dir = ckpt_lib.checkpoint_dir(run.cluster.write_dir)
     o["checkpointer"] = ckpt_lib.make_checkpointer(
         o["model"], o["optimizer"], ckpt_dir, c.checkpoint_every, counter, budget, sidecar
     )
@@ -338,9 +360,11 @@ def _callbacks(run: _Run) -> List[Any]:
 
 
 def _start(run: _Run) -> None:
-    """Fresh start, or restore the checkpoint named by the sidecar."""
+    """Fresh start, or restore the checkpoint named by the sidecar. Every worker
+    restores the chief's checkpoint from ``output_dir``; each cleans up only
+    where it writes (the chief: ``output_dir``)."""
     o, c = run.objects, run.config
-    ckpt_dir, history = ckpt_lib.checkpoint_dir(c.output_dir), run.path(EPSILON_HISTORY)
+    ckpt_dir, history = ckpt_lib.checkpoint_dir(run.cluster.write_dir), run.path(EPSILON_HISTORY)
     if run.resume_state is None:
         removed = ckpt_lib.start_fresh(ckpt_dir, history)
         if removed:
@@ -352,8 +376,9 @@ def _start(run: _Run) -> None:
             f"[checkpoint] removed {len(removed)} checkpoint file(s) newer than the recorded step "
             f"{run.start_step} (written just before a kill; never released)"
         )
+    read_dir = ckpt_lib.checkpoint_dir(c.output_dir)
     path = ckpt_lib.restore(
-        o["checkpointer"], ckpt_dir, run.resume_state, o["counter"], o["model"], o["budget"], history
+        o["checkpointer"], read_dir, run.resume_state, o["counter"], o["model"], o["budget"], history
     )
     _log(
         f"[checkpoint] resumed from {path}: logical step {run.start_step} of {run.plan.steps} "
@@ -361,52 +386,52 @@ def _start(run: _Run) -> None:
     )
 
 
-def _train(run: _Run) -> None:
-    """Trains the remaining planned steps: one ``fit`` per (freshly sampled) epoch."""
-    import tensorflow as tf
+def _check_workers_agree(run: _Run) -> None:
+    """Every worker starts from the chief's step, plan, settings and data (a collective)."""
+    run.cluster.check_agreement(
+        {
+            "the logical step to start from": run.objects["counter"].logical(),
+            "the privacy plan": ckpt_lib.plan_record(run.plan),
+            "the model and training settings": run.config.resume_settings(),
+            "the training data": run.train.digest(),
+        }
+    )
 
+
+def _train(run: _Run) -> None:
+    """Trains the remaining planned steps, epoch by epoch (a fresh Poisson pass each)."""
     from ewtune_tf import accounting
+    from ewtune_tf.recipe.loop import EpochLoop
 
     c, o, plan = run.config, run.objects, run.plan
-    os.makedirs(c.output_dir, exist_ok=True)
-    run.facts["sampler"] = _sampler_facts(run)
-    callbacks = _callbacks(run)
+    os.makedirs(run.cluster.write_dir, exist_ok=True)
+    loop = EpochLoop(o["model"], _callbacks(run))
     _start(run)
-    features = {k: tf.constant(v) for k, v in o["train_tokens"].items()}
-    base_ds = tf.data.Dataset.from_tensor_slices((features, tf.constant(run.train.labels)))
+    _check_workers_agree(run)
+    batches = _batches(run)
     per_epoch = accounting.steps_per_epoch(plan.sampling_probability)
-    epochs = math.ceil(plan.steps / per_epoch)
-    start_epoch, done = divmod(run.start_step, per_epoch)
     _log(
         f"[train] {plan.steps} logical steps ({per_epoch} per epoch), B={c.batch_size}, physical chunks of "
         f"{c.physical_batch_size}, clipping={c.clipping if plan.private else 'none (no_dp)'}"
         + (f"; resuming at step {run.start_step}" if run.start_step else "")
     )
-    finalize_ema = opt_lib.defer_ema_finalization(o["optimizer"]) if c.ema_momentum is not None else None
-    t0, history = time.perf_counter(), {}
-    for epoch in range(start_epoch, epochs):
-        steps = min(per_epoch, plan.steps - epoch * per_epoch)
-        skip = done if epoch == start_epoch else 0
-        if skip >= steps:
+    t0 = time.perf_counter()
+    for epoch in range(run.start_step // per_epoch, math.ceil(plan.steps / per_epoch)):
+        first, stop = max(run.start_step, epoch * per_epoch), min((epoch + 1) * per_epoch, plan.steps)
+        if first >= stop:
             continue  # Resumed at the end of this epoch.
-        ds, fit_steps = _epoch_data(run, base_ds, epoch, steps, skip)
-        h = o["model"].fit(
-            ds,
-            initial_epoch=epoch,
-            epochs=epoch + 1,
-            steps_per_epoch=fit_steps,
-            callbacks=callbacks,
-            verbose=0,
-            shuffle=False,
-        )
-        for key, values in h.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
-        if o["counter"].logical() < epoch * per_epoch + steps:
+        loop.run_epoch(epoch, *batches(epoch, first, stop))
+        if o["counter"].logical() < stop:
             _log(f"[train] stopped at logical step {o['counter'].logical()} (privacy budget cap)")
             break
-    if finalize_ema is not None:
-        finalize_ema(o["model"].trainable_weights)
-    run.facts.update(train_seconds=time.perf_counter() - t0, train_history=history)
+    if c.ema_momentum is not None:
+        # The average is for evaluation and export only: it replaces the iterate after the last step.
+        o["optimizer"].finalize_variable_values(o["model"].trainable_weights)
+    run.facts.update(
+        train_seconds=time.perf_counter() - t0,
+        first_step_seconds=loop.first_step_seconds,
+        train_history=dict(loop.history.history),
+    )
 
 
 def _releases(config: FinetuneConfig) -> tuple:
@@ -430,7 +455,7 @@ def _report(run: _Run, steps: int) -> Dict[str, Any]:
     mechanism.update(physical_batch_size=c.physical_batch_size, clip_group_norms=opt_lib.clip_groups_report(c))
     facts = RunFacts(
         noise_seed_fixed=private and o["optimizer"].privacy_config.noise_seed is not None,
-        sampler=run.facts["sampler"] if private else None,
+        sampler=run.facts.get("sampler") if private else None,
         mechanism=mechanism,
         released_without_privacy=_releases(c),
         epsilon_history=list(budget.history) if budget is not None else [],
@@ -490,6 +515,11 @@ def _metrics(run: _Run, steps: int, dev_accuracy: Mapping[str, float], export_pa
         "steps": steps,
         "train_seconds": f["train_seconds"],
         "seconds_per_step": f["train_seconds"] / max(1, steps - run.start_step),
+        # The first step includes tracing (and compiling) the step function.
+        "first_step_seconds": f["first_step_seconds"],
+        "seconds_per_step_after_first": _after_first(f, steps - run.start_step),
+        "workers": run.cluster.num_workers,
+        "replicas": run.cluster.num_replicas,
         # Updates the optimizer applied (what the learning-rate schedule counts).
         "optimizer_updates": int(o["optimizer"].iterations.numpy()),
         "final_learning_rate": opt_lib.current_learning_rate(o["optimizer"]),
@@ -502,14 +532,23 @@ def _metrics(run: _Run, steps: int, dev_accuracy: Mapping[str, float], export_pa
     }
 
 
+def _after_first(facts: Dict[str, Any], taken: int) -> Optional[float]:
+    if taken < 2 or facts["first_step_seconds"] is None:
+        return None
+    return (facts["train_seconds"] - facts["first_step_seconds"]) / (taken - 1)
+
+
 def _finish(run: _Run) -> FinetuneResult:
-    """Evaluation, the privacy report for the steps taken, plot, export, metrics."""
+    """Evaluation, the privacy report for the steps taken, plot, export, metrics
+    (the chief; another worker returns its report and metrics and writes nothing)."""
     from ewtune_tf.nlp import models
 
     o = run.objects
     steps = o["counter"].logical()
-    dev = {s: models.accuracy(o["classifier"], o["dev_tokens"][s], d.labels) for s, d in run.devs.items()}
     report = _report(run, steps)
+    if not run.cluster.chief:
+        return FinetuneResult(run.config, run.plan, report, _metrics(run, steps, {}, None), o["classifier"], None)
+    dev = {s: models.accuracy(o["classifier"], o["dev_tokens"][s], d.labels) for s, d in run.devs.items()}
     if run.plan.private and steps:
         monitoring.privacy_plot(run.path("privacy.png"), run.plan, steps)
     atomic_write_json(run.path(PRIVACY_REPORT), report)

@@ -85,18 +85,3 @@ def make_optimizer(config, plan, classifier, total_steps: int):
 
     groups = head_clip_groups(classifier, config.head_clip_share)
     return EWTuneAdam(**kwargs, plan=plan, clipping=config.clipping, clip_groups=groups)
-
-
-def defer_ema_finalization(optimizer):
-    """Stops fit() from swapping in the weight average after each epoch.
-
-    Keras's ``fit`` overwrites the weights with their moving average when it
-    returns; the recipe runs one ``fit`` per epoch, so that would feed the
-    average back into training. The average is meant only for evaluation and
-    export, so the swap is deferred to after the last epoch: the returned
-    callable does it. The average lives in optimizer variables, so it is
-    checkpointed and resumed with them.
-    """
-    finalize = optimizer.finalize_variable_values
-    optimizer.finalize_variable_values = lambda var_list: None
-    return finalize

@@ -58,21 +58,3 @@ def test_head_clip_groups_match_only_the_head(tiny_preset):
     assert matched == head and share == 0.3
     assert len(classifier.trainable_variables) > len(head)  # LoRA weights form the other group
     assert optimization.head_clip_groups(classifier, None) is None
-
-
-def test_deferred_ema_finalization_keeps_the_iterate_during_fit():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    opt = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
-    model.compile(opt, "mse")
-    finalize = optimization.defer_ema_finalization(opt)
-    x, y = np.ones((4, 3), "float32"), np.zeros((4, 1), "float32")
-    model.fit(x, y, epochs=2, batch_size=2, verbose=0)
-    iterate = [w.numpy().copy() for w in model.trainable_weights]
-    average = [a.numpy().copy() for a in opt._model_variables_moving_average]
-    assert any(not np.allclose(i, a) for i, a in zip(iterate, average))  # fit did not swap
-    finalize(model.trainable_weights)
-    for w, a in zip(model.trainable_weights, average):
-        np.testing.assert_allclose(w.numpy(), a)
