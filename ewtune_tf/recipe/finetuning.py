@@ -377,9 +377,10 @@ def _start(run: _Run) -> None:
             f"{run.start_step} (written just before a kill; never released)"
         )
     read_dir = ckpt_lib.checkpoint_dir(c.output_dir)
-    path = ckpt_lib.restore(
-        o["checkpointer"], read_dir, run.resume_state, o["counter"], o["model"], o["budget"], history
-    )
+    with o["strategy"].scope():  # Restoring builds the optimizer's slots: mirrored variables.
+        path = ckpt_lib.restore(
+            o["checkpointer"], read_dir, run.resume_state, o["counter"], o["model"], o["budget"], history
+        )
     _log(
         f"[checkpoint] resumed from {path}: logical step {run.start_step} of {run.plan.steps} "
         f"({len(run.resume_state.get('epsilon_history', []))} epsilon history entries)"
