@@ -459,26 +459,6 @@ def _make_strategy(name: str):
     return tf.distribute.TPUStrategy(resolver)
 
 
-def _trimming_model(classifier):
-    """A Keras model that cuts padding columns (past the longest row) before
-    calling the classifier, so each physical chunk runs at its own length."""
-    import keras
-    import tensorflow as tf
-
-    class DynamicPaddingClassifier(keras.Model):
-        def __init__(self, inner, **kwargs):
-            super().__init__(**kwargs)
-            self.inner = inner
-
-        def call(self, x, training=False):
-            mask = tf.cast(x["padding_mask"], tf.int32)
-            width = tf.maximum(tf.reduce_max(tf.reduce_sum(mask, axis=1)), 1)
-            x = {k: v[:, :width] for k, v in x.items()}
-            return self.inner(x, training=training)
-
-    return DynamicPaddingClassifier(classifier, name="dynamic_padding_classifier")
-
-
 def _scalar_logger(log_dir: str, logical_step):
     """Keras callback writing epoch scalars (loss, accuracy, epsilon, ...) as
     TensorBoard event files at x = the logical step (``logical_step()``, which
@@ -525,17 +505,6 @@ def _epoch_seed(sampling_seed: int, epoch: int) -> int:
     inside the epoch it determines the batch, so a step's batch depends only
     on (sampling_seed, logical step)."""
     return (int(sampling_seed) * 1_000_003 + int(epoch)) % (2**62)
-
-
-def _sort_by_length(x, y, w):
-    """Sorts a logical batch by decreasing length (so chunks are homogeneous).
-    A permutation of the sampled rows: the clipped sum, hence the mechanism,
-    is unchanged."""
-    import tensorflow as tf
-
-    lengths = tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32), axis=1)
-    order = tf.argsort(lengths, direction="DESCENDING", stable=True)
-    return (tf.nest.map_structure(lambda t: tf.gather(t, order), x), tf.gather(y, order), tf.gather(w, order))
 
 
 def _evaluate(classifier, tokens: Dict, labels, batch_size: int = 128) -> float:
@@ -1000,7 +969,7 @@ def run(args: argparse.Namespace) -> Dict:
     sampling_report = None
     learning_rate = _learning_rate(args, total_steps)
     with strategy.scope():
-        model = _trimming_model(classifier)
+        model = models_lib.dynamic_padding_model(classifier)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         if args.no_dp:
@@ -1129,7 +1098,7 @@ def run(args: argparse.Namespace) -> Dict:
                 base_ds.shuffle(n, seed=args.seed + epoch, reshuffle_each_iteration=False)
                 .repeat()
                 .batch(chunk * accumulate, drop_remainder=True)
-                .map(lambda x, y: _sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
+                .map(lambda x, y: models_lib.sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
                 .unbatch()
                 .batch(chunk, drop_remainder=True)
                 .skip(skip * accumulate)
@@ -1142,7 +1111,7 @@ def run(args: argparse.Namespace) -> Dict:
             )
             if sampling_report is None:
                 sampling_report = batches.report()
-            train_ds = batches.dataset.skip(skip).map(_sort_by_length)
+            train_ds = batches.dataset.skip(skip).map(models_lib.sort_by_length)
             fit_steps = None  # The Poisson dataset has exactly steps_per_fit_epoch - skip batches.
         h = model.fit(
             train_ds,

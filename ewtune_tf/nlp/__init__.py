@@ -2,7 +2,8 @@
 
 * ``ewtune_tf.nlp.models``: ``build_classifier`` (MiniLM default, local
   HF/Keras preset dirs, KerasHub presets; LoRA or top-k trainable layers),
-  ``tokenize`` / ``encode_text`` and dynamic padding (``trim_padding``).
+  ``tokenize`` / ``encode_text`` and dynamic padding (``trim_padding``;
+  for training ``sort_by_length`` and ``dynamic_padding_model``).
 * ``ewtune_tf.nlp.classifier``: ``BertMeanPoolingClassifier``, the head for
   sentence-embedding checkpoints (logits on the masked mean of the tokens).
 * ``ewtune_tf.nlp.glue``: ``load_glue`` for SST-2, QNLI, MNLI and QQP from a
@@ -23,6 +24,8 @@ _LAZY = {
     "tokenize": "ewtune_tf.nlp.models",
     "encode_text": "ewtune_tf.nlp.models",
     "trim_padding": "ewtune_tf.nlp.models",
+    "sort_by_length": "ewtune_tf.nlp.models",
+    "dynamic_padding_model": "ewtune_tf.nlp.models",
     "save_tiny_bert_preset": "ewtune_tf.nlp.models",
     "load_glue": "ewtune_tf.nlp.glue",
     "get_task": "ewtune_tf.nlp.glue",

@@ -366,6 +366,47 @@ def trim_padding(tokens: Dict[str, np.ndarray], multiple: int = 8) -> Dict[str, 
     return {k: v[:, :width] for k, v in tokens.items()}
 
 
+def sort_by_length(x, y, w):
+    """Sorts a logical batch ``(x, y, w)`` by decreasing real length.
+
+    Consecutive physical chunks then hold rows of similar length, so the
+    per-chunk cut of :func:`dynamic_padding_model` removes most padding. A
+    permutation of the sampled rows: the clipped sum, hence the mechanism, is
+    unchanged. Works on tensors (inside ``tf.data.Dataset.map``).
+    """
+    import tensorflow as tf
+
+    lengths = tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32), axis=1)
+    order = tf.argsort(lengths, direction="DESCENDING", stable=True)
+    return (tf.nest.map_structure(lambda t: tf.gather(t, order), x), tf.gather(y, order), tf.gather(w, order))
+
+
+def dynamic_padding_model(classifier):
+    """Wraps ``classifier`` in a Keras model that cuts the padding columns
+    past the longest row of each call before calling it.
+
+    Used for training: each physical chunk of a length-sorted logical batch
+    then runs at its own length (the cut is inside the graph, so one trace
+    serves every length). Logits are unchanged (absolute positions, padded
+    positions masked). The wrapper has no weights of its own.
+    """
+    import keras
+    import tensorflow as tf
+
+    class DynamicPaddingClassifier(keras.Model):
+        def __init__(self, inner, **kwargs):
+            super().__init__(**kwargs)
+            self.inner = inner
+
+        def call(self, x, training=False):
+            mask = tf.cast(x["padding_mask"], tf.int32)
+            width = tf.maximum(tf.reduce_max(tf.reduce_sum(mask, axis=1)), 1)
+            x = {k: v[:, :width] for k, v in x.items()}
+            return self.inner(x, training=training)
+
+    return DynamicPaddingClassifier(classifier, name="dynamic_padding_classifier")
+
+
 def save_tiny_bert_preset(
     directory: str,
     vocabulary: Optional[Sequence[str]] = None,

@@ -56,5 +56,17 @@ def test_top_layers_and_dynamic_padding_keep_logits(tiny_preset):
     trimmed = models.trim_padding(tokens)
     assert trimmed["token_ids"].shape[1] < 32
     np.testing.assert_allclose(np.asarray(clf(tokens)), np.asarray(clf(trimmed)), atol=1e-5)
+    # The training-time wrapper cuts inside the graph: same logits, no weights of its own.
+    wrapped = models.dynamic_padding_model(clf)
+    np.testing.assert_allclose(np.asarray(wrapped(tokens)), np.asarray(clf(tokens)), atol=1e-5)
+    assert len(wrapped.trainable_weights) == len(clf.trainable_weights)
+    # Length sorting is a permutation, longest first.
+    labels, weights = np.arange(6), np.linspace(0.5, 1.0, 6).astype("float32")
+    x, y, w = models.sort_by_length(tokens, labels, weights)
+    lengths = np.asarray(x["padding_mask"]).sum(axis=1)
+    assert list(lengths) == sorted(lengths, reverse=True)
+    order = np.asarray(y)
+    np.testing.assert_array_equal(np.asarray(x["token_ids"]), tokens["token_ids"][order])
+    np.testing.assert_array_equal(np.asarray(w), weights[order])
     # Pair inputs get two segments.
     assert tokens["segment_ids"].max() == 1
