@@ -52,34 +52,6 @@ def sampling_probability(config: PrivateTrainerConfig, dataset_size: int) -> flo
     return config.batch_size / dataset_size
 
 
-class _TokenClassifier:
-    """Builds a plain Keras model over a KerasHub classifier's token inputs.
-
-    KerasHub's ``Task.fit`` would run the preprocessor on already-tokenised
-    input, so training goes through this wrapper; it shares the classifier's
-    weights. It also cuts padding columns past the longest row of each chunk
-    (dynamic padding): BERT's positions are absolute and padding is masked,
-    so the logits do not change.
-    """
-
-    @staticmethod
-    def wrap(classifier):
-        import keras
-        import tensorflow as tf
-
-        class TokenClassifier(keras.Model):
-            def __init__(self, inner, **kwargs):
-                super().__init__(**kwargs)
-                self.inner = inner
-
-            def call(self, x, training=False):
-                mask = tf.cast(x["padding_mask"], tf.int32)
-                width = tf.maximum(tf.reduce_max(tf.reduce_sum(mask, axis=1)), 1)
-                return self.inner({k: v[:, :width] for k, v in x.items()}, training=training)
-
-        return TokenClassifier(classifier, name="ewtune_tfx_token_classifier")
-
-
 def private_fit(
     classifier,
     features: Dict[str, np.ndarray],
@@ -128,7 +100,9 @@ def private_fit(
         sampling=config.sampling,
         noise_seed=config.seed,
     )
-    model = _TokenClassifier.wrap(classifier)
+    # Token inputs (KerasHub's Task.fit would re-run the preprocessor), cut
+    # per chunk to its longest row; shares the classifier's weights.
+    model = models.dynamic_padding_model(classifier)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     make_private(model, physical_batch_size=config.physical_batch_size)
     dataset = tf.data.Dataset.from_tensor_slices(
