@@ -342,5 +342,11 @@ def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_c
         count = count + _centered_unclipped_count(res.norms, wc, nmb, l2_norm_clip)
         return i + 1, [a + g for a, g in zip(acc, res.grad_sum)], count
 
-    _, acc, count = tf.while_loop(lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)))
+    # One chunk at a time: overlapping iterations (the default allows 10) gain
+    # nothing once each chunk's ops use every core, but hold several chunks'
+    # activations at once (+0.5 GB, peak 1.25x the non-private step's, for
+    # MiniLM full fine-tuning; benchmarks/train_step.py --workload main_job).
+    _, acc, count = tf.while_loop(
+        lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)), parallel_iterations=1
+    )
     return list(acc), count
