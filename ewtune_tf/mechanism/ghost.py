@@ -177,12 +177,15 @@ def _norm_pass(model, per_example_loss_fn, variables, tf_vars, num_microbatches)
     fallback = _fallback_indices(cap, variables, tf_vars)
     skip = set(fallback)
     taps = [t for t in cap.rec.taps if t.var_index not in skip]
-    out_grads = []
-    if taps:
-        grads = cap.tape.gradient(
-            cap.total, [t.output for t in taps], unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        out_grads = [tf.convert_to_tensor(g) for g in grads]
+    # Taps may share an output (Recorder.merge): one gradient each.
+    outputs = {id(t.output): t.output for t in taps}
+    grads = (
+        cap.tape.gradient(cap.total, list(outputs.values()), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        if taps
+        else []
+    )
+    by_output = {key: tf.convert_to_tensor(g) for key, g in zip(outputs, grads)}
+    out_grads = [by_output[id(t.output)] for t in taps]
     inv_k2 = 1.0 / (cap.k_float * cap.k_float)  # a record's loss is the mean of k examples
     sq_terms, states = [], []
     for tap, g in zip(taps, out_grads):

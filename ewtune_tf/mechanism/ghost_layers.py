@@ -144,6 +144,23 @@ class Recorder:
             return z
         return self._tap(GatherTap(var_index=idx, output=z, weight_read=table, ids=ids, num_rows=int(table.shape[0])))
 
+    def merge(self, total: tf.Tensor, parts: Sequence[tf.Tensor]) -> tf.Tensor:
+        """Declares ``total = sum(parts) + (terms independent of parts)``.
+
+        Taps watching one of ``parts`` then watch ``total`` instead: its
+        gradient is theirs, and the norm pass keeps one output gradient for
+        all of them (e.g. a kernel, its LoRA term and its bias) instead of one
+        each. Returns ``total``.
+        """
+        ids = {id(p) for p in parts if p.shape == total.shape}
+        moved = False
+        for tap in self.taps:
+            if id(tap.output) in ids:
+                tap.output, moved = total, True
+        if moved:
+            self.tape.watch(total)
+        return total
+
     def reduce(
         self,
         keras_var,

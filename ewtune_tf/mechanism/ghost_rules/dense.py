@@ -86,10 +86,12 @@ def _plain(layer, x) -> bool:
 
 def linear(layer, rec: Recorder, x: tf.Tensor, equation: str) -> tf.Tensor:
     """``activation(einsum(equation, x, kernel) [+ LoRA] [+ bias])``."""
-    z = rec.einsum(equation, x, layer._kernel)
+    parts = [rec.einsum(equation, x, layer._kernel)]
     if lora.enabled(layer):
-        z = z + lora.linear_delta(layer, rec, x, equation)
-    z = add_bias(rec, layer.bias, z)
+        parts.append(lora.linear_delta(layer, rec, x, equation))
+    z = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    # Kernel, LoRA B and bias taps share the pre-activation's gradient.
+    z = rec.merge(add_bias(rec, layer.bias, z), parts)
     act = getattr(layer, "activation", None)
     return act(z) if act is not None else z
 

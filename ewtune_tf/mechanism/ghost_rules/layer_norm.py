@@ -36,11 +36,13 @@ def layer_norm_rule(layer, rec: Recorder, inputs, *args, **kwargs):
         t = tf.cast(t, tf.float32)
         return tf.reduce_sum(t, axis=other) if other else t
 
-    out = xhat
+    scaled = xhat
     if getattr(layer, "scale", True):
         gamma = rec.read(layer.gamma, xhat.dtype)
-        out = rec.reduce(layer.gamma, gamma, out * tf.reshape(gamma, bshape), lambda g: to_param(g * xhat))
+        scaled = rec.reduce(layer.gamma, gamma, xhat * tf.reshape(gamma, bshape), lambda g: to_param(g * xhat))
+    out = scaled
     if getattr(layer, "center", True) and not rms:
         beta = rec.read(layer.beta, out.dtype)
-        out = rec.reduce(layer.beta, beta, out + tf.reshape(beta, bshape), to_param)
+        # gamma's tap shares the output's gradient with beta's.
+        out = rec.merge(rec.reduce(layer.beta, beta, scaled + tf.reshape(beta, bshape), to_param), [scaled])
     return tf.cast(out, layer.compute_dtype)
