@@ -183,3 +183,16 @@ def test_dynamic_sequence_length_chooses_the_norm_method_at_run_time(mode):
         x = tf.constant(rng.normal(size=(5, t, 4)), tf.float32)
         y = tf.constant(rng.normal(size=(5, t, 3)), tf.float32)
         _assert_matches(clipped(x, y), _reference(_seq_loss(model, x, y), variables, 0.3))
+
+
+def test_readme_rule_example_runs(clean_registry, no_jacobian):
+    """The README's register_ghost_rule example, with MyScale = Scale."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "register_ghost_rule" in b]
+    exec(compile(example, "README.md", "exec"), {"MyScale": Scale})
+    model, loss_fn = _model([Scale()])
+    ref = _reference(loss_fn, model.trainable_variables, 0.5)
+    _assert_matches(ghost.bookkeeping_clipped_gradients(model, loss_fn, model.trainable_variables, 0.5), ref)
