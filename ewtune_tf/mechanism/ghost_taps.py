@@ -108,18 +108,18 @@ class EinsumTap(Tap):
         method = plan.norm_method(g)
         if isinstance(method, str):
             if method == "ghost":
-                return plan.ghost_sq(g), None
+                return plan.ghost_sq(g), (plan, None)
             pe = plan.per_record(g)
-            return sq_norms(pe), pe
+            return sq_norms(pe), (plan, pe)
         # Length known only at run time: choose per call; the sum then never
         # reuses materialized gradients (they would have to leave the cond).
         sq = tf.cond(method, lambda: plan.ghost_sq(g), lambda: sq_norms(plan.per_record(g)))
-        return sq, None
+        return sq, (plan, None)
 
     def clipped_sum(self, g, factors, k, state):
-        if state is not None:  # materialized per-record gradients
-            return tf.tensordot(factors, state, axes=[[0], [0]])
-        plan = _EinsumPlan(self, k)
+        plan, pe = state
+        if pe is not None:  # materialized per-record gradients
+            return tf.tensordot(factors, pe, axes=[[0], [0]])
         g = group_rows(_f32(g), k)
         scaled = plan.a * tf.reshape(factors, [-1] + [1] * (plan.a.shape.rank - 1))
         return tf.einsum(f"{plan.inp},{plan.out}->{plan.ker}", scaled, g)
