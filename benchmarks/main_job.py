@@ -21,10 +21,11 @@ What one measurement runs (in its own process, see ``train_step.py``):
 * **Non-private step:** Keras ``Adam(gradient_accumulation_steps=K)`` over
   the *same* K chunks (same rows, same padding, same wrapper), one
   ``model.fit`` of K steps -- the trainer's ``--no_dp`` path.
-* Both ``fit`` calls are timed interleaved (median over ``rounds``), after
-  one untimed call each (tracing). Peak memory: process peak RSS after the
-  non-private step and after the private step (``ru_maxrss``; an upper bound
-  on the private step's own peak ratio).
+* Both ``fit`` calls, and the parts of the cost split below, are timed
+  interleaved (median over ``rounds``), after one untimed call each
+  (tracing), so that load from other processes hits them alike. Peak memory:
+  process peak RSS after the non-private step and after the private step
+  (``ru_maxrss``; an upper bound on the private step's own peak ratio).
 * **Cost split** of the private step, per logical step (sum over its chunks)
   and per chunk: the ghost *norm pass* (forward, backward to the layer
   outputs, per-example norms: ``ghost.ghost_norms``), the *clipped-sum pass*
@@ -242,32 +243,41 @@ def component_fns(private, nonprivate, cfg: MainJobConfig):
     return {"norm_pass": norm_pass, "clipped_sum": clipped_sum, "nonprivate_grad": nonprivate_grad}, noise_update
 
 
-def cost_split(private, nonprivate, batch, cfg: MainJobConfig, dp_seconds: float, np_seconds: float) -> Dict:
-    """Seconds per logical step of each part (see module docstring)."""
+def component_steps(private, nonprivate, batch, cfg: MainJobConfig) -> Dict[str, Callable[[], object]]:
+    """One logical step's worth of each part, as no-arg callables: the norm
+    pass, the full clipped sum and the non-private gradient over every chunk,
+    and one noise + update."""
     per_chunk, noise_update = component_fns(private, nonprivate, cfg)
     chunks = _chunks(batch, cfg.physical_batch_size)
-    for fn in list(per_chunk.values()):
-        fn(*chunks[0]).numpy()  # trace
-    noise_update().numpy()
-    total = {name: sum(timed(lambda f=fn, c=c: f(*c).numpy()) for c in chunks) for name, fn in per_chunk.items()}
-    noise = timed(lambda: noise_update().numpy())
+
+    def over_chunks(fn):
+        return lambda: [fn(*c).numpy() for c in chunks]
+
+    steps = {name: over_chunks(fn) for name, fn in per_chunk.items()}
+    steps["noise_update"] = lambda: noise_update().numpy()
+    return steps
+
+
+def cost_split(seconds: Dict[str, float], chunks: int) -> Dict:
+    """Seconds per logical step (and per chunk) of each part, from the medians
+    of the interleaved timings (see module docstring). "accumulation" is the
+    rest of the private step; timing noise can make it slightly negative."""
     dp = {
-        "norm_pass": total["norm_pass"],
-        "clipped_sum_pass": total["clipped_sum"] - total["norm_pass"],
-        "noise_and_update": noise,
-        "accumulation": dp_seconds - total["clipped_sum"] - noise,
+        "norm_pass": seconds["norm_pass"],
+        "clipped_sum_pass": seconds["clipped_sum"] - seconds["norm_pass"],
+        "noise_and_update": seconds["noise_update"],
+        "accumulation": seconds["dp"] - seconds["clipped_sum"] - seconds["noise_update"],
     }
     npv = {
-        "forward_backward": total["nonprivate_grad"],
-        "accumulation_and_update": np_seconds - total["nonprivate_grad"],
+        "forward_backward": seconds["nonprivate_grad"],
+        "accumulation_and_update": seconds["nonprivate"] - seconds["nonprivate_grad"],
     }
-    k = len(chunks)
     return {
-        "chunks": k,
+        "chunks": chunks,
         "dp_seconds_per_step": dp,
-        "dp_seconds_per_chunk": {key: v / k for key, v in dp.items()},
+        "dp_seconds_per_chunk": {key: v / chunks for key, v in dp.items()},
         "nonprivate_seconds_per_step": npv,
-        "nonprivate_seconds_per_chunk": {key: v / k for key, v in npv.items()},
+        "nonprivate_seconds_per_chunk": {key: v / chunks for key, v in npv.items()},
     }
 
 
@@ -286,8 +296,13 @@ def run(cfg: MainJobConfig) -> Dict:
     rss_nonprivate = rss_mb()
     first["dp"] = timed(dp_step)
     rss_both = rss_mb()
-    times = interleaved({"nonprivate": np_step, "dp": dp_step}, cfg.rounds)
-    np_s, dp_s = float(np.median(times["nonprivate"])), float(np.median(times["dp"]))
+    steps = {"nonprivate": np_step, "dp": dp_step, **component_steps(private, nonprivate, batch, cfg)}
+    for name, fn in steps.items():
+        if name not in first:
+            first[name] = timed(fn)  # traces
+    times = interleaved(steps, cfg.rounds)
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    np_s, dp_s = medians["nonprivate"], medians["dp"]
     lengths = np.asarray(batch[0]["padding_mask"]).sum(axis=1)
     real = int(np.asarray(batch[2]).astype(bool).sum())
     return {
@@ -309,7 +324,7 @@ def run(cfg: MainJobConfig) -> Dict:
         "nonprivate_peak_rss_mb": rss_nonprivate,
         "peak_rss_mb": rss_both,
         "peak_memory_ratio": rss_both / rss_nonprivate,
-        "cost_split": cost_split(private, nonprivate, batch, cfg, dp_s, np_s),
+        "cost_split": cost_split(medians, int(batch[3])),
     }
 
 
