@@ -12,7 +12,8 @@ Models (``StepSpec.model``):
 Steps, both ``tf.function`` (``jit_compile`` as given), dropout on:
 
 * non-private: gradient of the mean loss, Adam update;
-* DP: the clipping implementation's clipped sum, Gaussian noise of std
+* DP: the clipping implementation's clipped sum (``clipped_gradient_sum``;
+  ``microbatch``: 8 keyed records), Gaussian noise of std
   ``sigma*C`` on the sum (a plain ``tf.random.normal``; same cost as the
   DPQuery), division by the batch size, Adam update.
 
@@ -102,6 +103,7 @@ def make_steps(model, spec: StepSpec):
     import tensorflow as tf
 
     from ewtune_tf.mechanism import clipping
+    from ewtune_tf.mechanism import records as records_lib
 
     variables = list(model.trainable_variables)
     optimizer = keras.optimizers.Adam(learning_rate=1e-5)
@@ -118,14 +120,16 @@ def make_steps(model, spec: StepSpec):
         optimizer.apply(tape.gradient(loss, variables), variables)
         return loss
 
-    fn = clipping.get_clipping_impl(spec.impl)
     nmb = NUM_MICROBATCHES.get(spec.impl)
+    # Keyed microbatch records (ewtune_tf.mechanism.records): row i has key i.
+    records = None if nmb is None else records_lib.microbatch_records(tf.range(spec.batch), nmb, float(spec.batch))
     clip, sigma = 1.0, 1.0
     denom = float(spec.batch if nmb is None else nmb)
 
     @tf.function(jit_compile=spec.jit_compile)
     def dp_step(xb, yb):
-        res = fn(model, lambda: per_example_loss(xb, yb), variables, clip, nmb)
+        loss_fn = lambda: per_example_loss(xb, yb)
+        res = clipping.clipped_gradient_sum(spec.impl, model, loss_fn, variables, clip, records)
         grads = [(g + tf.random.normal(tf.shape(g), stddev=sigma * clip)) / denom for g in res.grad_sum]
         optimizer.apply([tf.cast(g, v.dtype) for g, v in zip(grads, variables)], variables)
         return tf.reduce_mean(res.norms)

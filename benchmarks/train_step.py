@@ -188,7 +188,13 @@ def _num(x: Optional[float], width: int, fmt: str = ".2f") -> str:
 def run_main_job(args) -> Dict[str, Dict]:
     results: Dict[str, Dict] = {}
     for setting in ("full", "lora"):
-        cfg = main_job.MainJobConfig(setting=setting, glue_dir=args.glue_dir, model=args.model, rounds=args.steps)
+        cfg = main_job.MainJobConfig(
+            setting=setting,
+            glue_dir=args.glue_dir,
+            model=args.model,
+            rounds=args.steps,
+            cost_split=not args.no_cost_split,
+        )
         if args.quick:
             cfg = dataclasses.replace(cfg, **QUICK_MAIN_JOB)
         r = _subprocess("main_job", dataclasses.asdict(cfg), args.timeout)
@@ -211,7 +217,7 @@ def print_main_job_table(results: Dict[str, Dict]) -> None:
     print(f"\nprivate step, cost split per chunk (seconds; per logical step in brackets)\n{'setting':<16}", end="")
     print("".join(f"{p:>24}" for p in parts) + f"{'nonprivate fwd+bwd':>24}")
     for key, r in results.items():
-        if "error" in r:
+        if "error" in r or not r["cost_split"]:
             continue
         split = r["cost_split"]
         chunk, step = split["dp_seconds_per_chunk"], split["dp_seconds_per_step"]
@@ -300,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", nargs="+", default=list(ALL_IMPLS), choices=ALL_IMPLS)
     p.add_argument("--glue_dir", default=main_job.default_glue_dir(), help="main_job: GLUE-layout data directory")
     p.add_argument("--model", default=main_job.MainJobConfig.model, help="main_job: ewtune-train --model")
+    p.add_argument("--no_cost_split", action="store_true", help="main_job: time the two steps only")
     p.add_argument(
         "--skip-vectorized-seq128",
         action="store_true",

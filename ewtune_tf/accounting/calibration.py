@@ -146,40 +146,58 @@ def calibrate_noise_multiplier(
     target_delta = v.check_delta(target_delta, "target_delta")
     method = v.check_method(method)
     order = v.check_order(order)
-    by_size = (num_examples, batch_size, epochs)
-    if sampling_probability is not None or steps is not None:
-        if any(x is not None for x in by_size):
-            raise ValueError(
-                "give either (sampling_probability, steps) or (num_examples, batch_size, epochs), not both."
-            )
-        if sampling_probability is None or steps is None:
-            raise ValueError("sampling_probability and steps must be given together.")
-        q = v.check_sampling_probability(sampling_probability)
-        m = v.check_steps(steps)
+    q, m = _resolve_q_and_steps(sampling_probability, steps, num_examples, batch_size, epochs)
+    if paper:
+        sigma, res, how = _paper_sigma(q, m, target_epsilon, target_delta)
     else:
+        x_est, est_acc = _locate(q, m, target_epsilon, target_delta, method, order)
+        if certify:
+            sigma, res = _certify(q, m, target_epsilon, target_delta, method, order, x_est, est_acc)
+            how = "calibrate_dp_mechanism(certified)"
+        else:
+            sigma = math.exp(x_est)
+            res = api.epsilon_for_components(((q, sigma, m),), target_delta, method, order, certify=False)
+            how = f"calibrate_dp_mechanism({res.method})"
+    return CalibrationResult(
+        sigma, q, m, target_epsilon, target_delta, res, res.certified, how, time.perf_counter() - start
+    )
+
+
+def _resolve_q_and_steps(sampling_probability, steps, num_examples, batch_size, epochs) -> Tuple[float, int]:
+    """(q, steps) from exactly one of the two argument forms (ValueError otherwise)."""
+    by_size = (num_examples, batch_size, epochs)
+    if sampling_probability is None and steps is None:
         if any(x is None for x in by_size):
             raise ValueError("give (sampling_probability, steps) or all of (num_examples, batch_size, epochs).")
-        q, m = steps_and_sampling_probability(num_examples, batch_size, epochs)
+        return steps_and_sampling_probability(num_examples, batch_size, epochs)
+    if any(x is not None for x in by_size):
+        raise ValueError("give either (sampling_probability, steps) or (num_examples, batch_size, epochs), not both.")
+    if sampling_probability is None or steps is None:
+        raise ValueError("sampling_probability and steps must be given together.")
+    return v.check_sampling_probability(sampling_probability), v.check_steps(steps)
 
-    if paper:
-        sigma, eps, secs = paper_lib.paper_sigma(q, m, target_epsilon, target_delta)
-        res = api.EpsilonResult(
-            epsilon=eps,
-            delta=target_delta,
-            certified=False,
-            method="paper_edgeworth_order1",
-            estimate=eps,
-            estimate_method="paper_edgeworth_order1",
-            bound=None,
-            bound_method=None,
-            seconds=secs,
-            flags=("paper_mode_approximation",),
-        )
-        return CalibrationResult(
-            sigma, q, m, target_epsilon, target_delta, res, False, "paper_grid_search", time.perf_counter() - start
-        )
 
-    # Phase 1: locate with the analytic estimate.
+def _paper_sigma(q: float, m: int, target_epsilon: float, target_delta: float):
+    """EW-Tune's own grid search: an approximation, never certified."""
+    sigma, eps, secs = paper_lib.paper_sigma(q, m, target_epsilon, target_delta)
+    res = api.EpsilonResult(
+        epsilon=eps,
+        delta=target_delta,
+        certified=False,
+        method="paper_edgeworth_order1",
+        estimate=eps,
+        estimate_method="paper_edgeworth_order1",
+        bound=None,
+        bound_method=None,
+        seconds=secs,
+        flags=("paper_mode_approximation",),
+    )
+    return sigma, res, "paper_grid_search"
+
+
+def _locate(q: float, m: int, target_epsilon: float, target_delta: float, method: str, order: int):
+    """Phase 1: log(sigma) where the analytic estimate meets the target, and
+    the factory of the estimating accountant (reused by phase 2)."""
     if method == "tilted":
         est_acc = lambda: _LocateAccountant(method, order, certify=False)
     else:
@@ -193,23 +211,13 @@ def calibrate_noise_multiplier(
         if lower < math.log(1e-4):
             break
     x_est = _search(est_acc, q, m, target_epsilon, target_delta, mc.LowerEndpointAndGuess(lower, lower + 1.0))
-    if not certify:
-        sigma = math.exp(x_est)
-        res = api.epsilon_for_components(((q, sigma, m),), target_delta, method, order, certify=False)
-        return CalibrationResult(
-            sigma,
-            q,
-            m,
-            target_epsilon,
-            target_delta,
-            res,
-            res.certified,
-            f"calibrate_dp_mechanism({res.method})",
-            time.perf_counter() - start,
-        )
+    return x_est, est_acc
 
-    # Phase 2: certify. Fix the PLD discretisation at sigma_est so that the
-    # bound is within 0.5 % of the estimate there.
+
+def _certify(q, m, target_epsilon, target_delta, method, order, x_est, est_acc):
+    """Phase 2: the smallest sigma near exp(x_est) whose certified epsilon is
+    <= target. The PLD discretisation is fixed at sigma_est so that the bound
+    is a deterministic, monotone function of sigma during the search."""
     sigma_est = math.exp(x_est)
     b = certify_lib.epsilon_upper_bound(((q, sigma_est, m),), target_delta, reference=target_epsilon)
     interval = b.value_discretization_interval
@@ -226,37 +234,33 @@ def calibrate_noise_multiplier(
             return memo[key]
 
     cert_acc = lambda: _MemoCertified(method, order, certify=True, pld_value_discretization_interval=interval)
+    lo, hi = _certified_bracket(q, m, target_epsilon, target_delta, x_est, est_acc, cert_acc, b.value)
+    x = _search(cert_acc, q, m, target_epsilon, target_delta, mc.ExplicitBracketInterval(lo, hi))
+    res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
+    while res.epsilon > target_epsilon:  # Defensive: never return an unproven sigma.
+        x += _REL_TOL / 2
+        res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
+    return math.exp(x), res
+
+
+def _certified_bracket(q, m, target_epsilon, target_delta, x_est, est_acc, cert_acc, bound_at_est):
+    """A tight bracket (in log sigma) of the certified root.
+
+    Predicts the root from the bound's excess at sigma_est and the local slope
+    d eps / d log(sigma) of the estimate, so Brent needs only a few PLD
+    evaluations, then widens until the bracket holds the root.
+    """
 
     def gap(x):
         return cert_acc().compose(_event(q, m, x)).get_epsilon(target_delta) - target_epsilon
 
-    # Predict the certified root from the bound's excess at sigma_est and the
-    # local slope d eps / d log(sigma) of the estimate, then bracket it tightly
-    # (Brent then needs only a few PLD evaluations).
     h = 1e-3
     slope = (est_acc().compose(_event(q, m, x_est + h)).get_epsilon(target_delta) - target_epsilon) / h
-    excess = max(b.value - target_epsilon, 0.0)
+    excess = max(bound_at_est - target_epsilon, 0.0)
     x_pred = x_est + (excess / -slope if slope < 0 else 0.0)
     lo, hi = x_pred - 2e-4, x_pred + 6e-4
     while gap(lo) <= 0:
         lo -= 4 * (hi - lo)
     while gap(hi) > 0:
         hi += 4 * (hi - lo)
-    x = _search(cert_acc, q, m, target_epsilon, target_delta, mc.ExplicitBracketInterval(lo, hi))
-    sigma = math.exp(x)
-    res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
-    while res.epsilon > target_epsilon:  # Defensive: never return an unproven sigma.
-        x += _REL_TOL / 2
-        sigma = math.exp(x)
-        res = cert_acc().compose(_event(q, m, x)).get_epsilon_result(target_delta)
-    return CalibrationResult(
-        sigma,
-        q,
-        m,
-        target_epsilon,
-        target_delta,
-        res,
-        res.certified,
-        "calibrate_dp_mechanism(certified)",
-        time.perf_counter() - start,
-    )
+    return lo, hi

@@ -144,48 +144,59 @@ def _table(rows) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "epsilon":
-        res = api.compute_epsilon(
-            sampling_probability=args.sampling_probability,
-            noise_multiplier=args.noise_multiplier,
-            steps=args.steps,
-            delta=args.delta,
-            method=args.method,
-            order=args.order,
-            certify=args.certify,
-        )
-        if args.json:
-            print(json.dumps(res.to_dict()))
-            return 0
-        print(_table(_comparison_rows(args.sampling_probability, args.noise_multiplier, args.steps, args.delta)))
-        print()
-        label = "certified upper bound" if res.certified else "ESTIMATE (not a guarantee)"
-        print(
-            f"epsilon = {res.epsilon:.6f}  [{label}; method {res.method}; "
-            f"{1e3 * res.seconds:.1f} ms]" + (f"  flags: {', '.join(res.flags)}" if res.flags else "")
-        )
+    command = {"epsilon": _epsilon_command, "delta": _delta_command, "calibrate": _calibrate_command}
+    return command[args.command](parser, args)
+
+
+def _label(certified: bool) -> str:
+    return "certified upper bound" if certified else "ESTIMATE (not a guarantee)"
+
+
+def _epsilon_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    res = api.compute_epsilon(
+        sampling_probability=args.sampling_probability,
+        noise_multiplier=args.noise_multiplier,
+        steps=args.steps,
+        delta=args.delta,
+        method=args.method,
+        order=args.order,
+        certify=args.certify,
+    )
+    if args.json:
+        print(json.dumps(res.to_dict()))
         return 0
-    if args.command == "delta":
-        res = api.compute_delta(
-            sampling_probability=args.sampling_probability,
-            noise_multiplier=args.noise_multiplier,
-            steps=args.steps,
-            epsilon=args.epsilon,
-            method=args.method,
-            order=args.order,
-            certify=args.certify,
-        )
-        if args.json:
-            print(json.dumps(res.to_dict()))
-            return 0
-        label = "certified upper bound" if res.certified else "ESTIMATE (not a guarantee)"
-        print(
-            f"delta = {res.delta:.6e}  [{label}; method {res.method}; estimate "
-            f"{res.estimate:.6e} ({res.estimate_method}); "
-            f"{1e3 * res.seconds:.1f} ms]"
-        )
+    print(_table(_comparison_rows(args.sampling_probability, args.noise_multiplier, args.steps, args.delta)))
+    print()
+    print(
+        f"epsilon = {res.epsilon:.6f}  [{_label(res.certified)}; method {res.method}; "
+        f"{1e3 * res.seconds:.1f} ms]" + (f"  flags: {', '.join(res.flags)}" if res.flags else "")
+    )
+    return 0
+
+
+def _delta_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    res = api.compute_delta(
+        sampling_probability=args.sampling_probability,
+        noise_multiplier=args.noise_multiplier,
+        steps=args.steps,
+        epsilon=args.epsilon,
+        method=args.method,
+        order=args.order,
+        certify=args.certify,
+    )
+    if args.json:
+        print(json.dumps(res.to_dict()))
         return 0
-    # calibrate
+    print(
+        f"delta = {res.delta:.6e}  [{_label(res.certified)}; method {res.method}; estimate "
+        f"{res.estimate:.6e} ({res.estimate_method}); "
+        f"{1e3 * res.seconds:.1f} ms]"
+    )
+    return 0
+
+
+def _check_calibrate_form(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exactly one of the two argument forms, complete (parser.error otherwise)."""
     by_q = args.sampling_probability is not None or args.steps is not None
     by_n = any(x is not None for x in (args.num_examples, args.batch_size, args.epochs))
     if by_q == by_n:
@@ -198,6 +209,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--num-examples, --batch-size and --epochs must be given together")
     if by_n and args.batch_size > args.num_examples:
         parser.error("--batch-size must be <= --num-examples")
+
+
+def _calibrate_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _check_calibrate_form(parser, args)
     res = calibration.calibrate_noise_multiplier(
         args.target_epsilon,
         args.delta,

@@ -24,6 +24,7 @@ from ewtune_tf.audit.bounds import (
 
 _LAZY = {
     "MECHANISMS": "ewtune_tf.audit.mechanism_audit",
+    "MICROBATCHES": "ewtune_tf.audit.mechanism_audit",
     "AuditResult": "ewtune_tf.audit.mechanism_audit",
     "audit_mechanism": "ewtune_tf.audit.mechanism_audit",
     "one_run_audit": "ewtune_tf.audit.mechanism_audit",

@@ -5,7 +5,9 @@ Layer 1: may import ``ewtune_tf.accounting``, nothing above it.
 Modules (import them directly; this package imports nothing eagerly, so that
 ``ewtune_tf.mechanism.ghost`` can register itself without import cycles):
 
-* ``per_example``: vectorized per-example / per-microbatch gradients.
+* ``records``: what a record is (an example, or a keyed microbatch group)
+  and its sensitivity; the accounted noise multiplier.
+* ``per_example``: vectorized per-record gradients.
 * ``clipping``: the clipping-implementation registry (``ClippedGradients``,
   ``clipped_gradient_sum``, ``register_clipping_impl``, group-wise clipping
   with ``ClipGroups``) with "vectorized"

@@ -6,33 +6,47 @@ Interface (stable; other implementations, e.g. ghost clipping in
     class ClippedGradients(NamedTuple):
         grad_sum: list[tf.Tensor]   # one float32 tensor per variable: the sum
                                     # over records of the clipped gradients
-        norms: tf.Tensor            # [num_records] float32 pre-clip global norms
+        norms: tf.Tensor            # [num_records] float32 pre-clip global
+                                    # norms (+inf for a dropped record)
         num_records: tf.Tensor      # scalar int32: number of records (incl.
                                     # zero-weight padding records)
+        num_nonfinite: tf.Tensor    # scalar int32: records dropped because
+                                    # their gradient was not finite (or None)
+        rows_isolated: bool         # static: one row's NaN cannot reach
+                                    # another record's contribution
 
-    fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches,
-       groups=None) -> ClippedGradients
+    fn(model, per_example_loss_fn, variables, l2_norm_clip, groups=None)
+        -> ClippedGradients
 
     register_clipping_impl(name, fn)
     clipped_gradient_sum(strategy_name, model, per_example_loss_fn, variables,
-                         l2_norm_clip, num_microbatches=None) -> ClippedGradients
+                         l2_norm_clip, records=None, groups=None)
+    keyed_record_gradients(strategy_name, model, per_example_loss_fn,
+                           variables, records) -> list  # unclipped [M, ...]
 
-Contract of an implementation ``fn``:
+Contract of an implementation ``fn`` (records are examples):
 
 * ``per_example_loss_fn()`` takes no arguments, runs the forward pass
   (``training=True``) under whatever tape(s) the implementation has open, and
   returns a float32 tensor ``[batch]`` of *weighted* per-example losses.
   Padding rows (sample weight 0) are exactly 0. It may be called more than
   once (e.g. a two-pass implementation); each call runs a fresh forward pass.
-* Records are examples (``num_microbatches=None``) or ``num_microbatches``
-  groups of consecutive examples whose record loss is
-  ``sum(group) / group_size`` (see ``ewtune_tf.mechanism.per_example``).
-  ``num_microbatches`` must divide the batch (ValueError otherwise).
 * Each record's gradient, over *all* of ``variables`` jointly, is scaled by
   ``min(1, l2_norm_clip / norm)`` so its global L2 norm is <= l2_norm_clip,
   and the scaled gradients are summed. ``l2_norm_clip=inf`` means no clipping.
   An implementation must never skip clipping for a variable it cannot handle:
   it must fall back (e.g. to "vectorized") or raise.
+* A record whose gradient norm is not finite (NaN/inf anywhere in it)
+  contributes exactly zero -- through ``tf.where``, since ``0 * NaN`` is NaN --
+  is counted in ``num_nonfinite`` and reported with norm +inf. Dropping it
+  keeps the sensitivity: the record's contribution is 0, inside the C ball.
+  Why not abort: an abort at the step that sampled the example reveals that it
+  was sampled (and XLA drops asserts). Where a batched backward pass can
+  spread one row's NaN into other records (``0 * NaN`` in a weight-gradient
+  product, see ``ewtune_tf.mechanism.per_example``), other records may be
+  dropped too, or the sum may come out non-finite (two-pass ghost):
+  ``rows_isolated`` is then False and the private step re-runs the chunk row
+  by row, so a record is dropped only for its own non-finite gradient.
 * Everything returned is float32, whatever the model's compute dtype.
 * Group-wise clipping (``groups``, a :class:`ClipGroups`): the variables are
   partitioned into groups and record b's gradient restricted to group g is
@@ -49,6 +63,13 @@ Contract of an implementation ``fn``:
   implementation that does not accept ``groups`` is refused by
   :func:`clipped_gradient_sum` when groups are requested.
 
+Keyed microbatch records (``records``, see ``ewtune_tf.mechanism.records``)
+are groups of the whole logical batch, so their gradients are *accumulated
+unclipped* over physical chunks (:func:`keyed_record_gradients`, memory
+``M x parameters``) and clipped once per logical step with
+:func:`clip_and_sum`. Only "vectorized" and "microbatch" form them: ghost
+norms of a group do not add across chunks.
+
 Built-in implementations:
 
 * ``"vectorized"``: one forward pass, per-record gradients via
@@ -56,8 +77,7 @@ Built-in implementations:
   batch x parameters.
 * ``"microbatch"``: one forward pass under a persistent tape, then one ordinary
   backward pass per record in a ``tf.while_loop``; materializes one gradient
-  at a time (low memory, slower). With ``num_microbatches=None`` every example
-  is its own record.
+  at a time (low memory, slower).
 * ``"ghost"``: registered by ``ewtune_tf.mechanism.ghost`` (imported lazily on
   first request).
 
@@ -72,6 +92,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import tensorflow as tf
 
 from ewtune_tf.mechanism import per_example
+from ewtune_tf.mechanism import records as records_lib
 
 
 class ClippedGradients(NamedTuple):
@@ -80,6 +101,8 @@ class ClippedGradients(NamedTuple):
     grad_sum: list
     norms: tf.Tensor
     num_records: tf.Tensor
+    num_nonfinite: Optional[tf.Tensor] = None
+    rows_isolated: bool = False
 
 
 class ClipGroups(NamedTuple):
@@ -140,7 +163,9 @@ def clip_factors_by_group(
     Returns:
       ``(norms, factors, assignment)``: the global pre-clip norms ``[R]``; per
       group, the ``[R]`` factors (stop-gradient'ed) to scale its variables'
-      per-record gradients by; and the group index of each variable.
+      per-record gradients by, 0 for a record whose global norm is not finite
+      (the caller must still mask its gradient: ``0 * NaN`` is NaN); and the
+      group index of each variable.
     """
     if groups is None:
         groups = ClipGroups((0,) * num_variables, (1.0,))
@@ -150,11 +175,31 @@ def clip_factors_by_group(
         per_group[groups.assignment[i]].append(t)
     group_sq = [tf.add_n(ts) if ts else zeros for ts in per_group]
     norms = tf.sqrt(tf.add_n(group_sq))
+    finite = finite_records(norms)
     factors = [
-        tf.stop_gradient(clip_factors(tf.sqrt(sq), c))
+        tf.stop_gradient(tf.where(finite, clip_factors(tf.sqrt(sq), c), 0.0))
         for sq, c in zip(group_sq, group_clips(l2_norm_clip, groups.shares))
     ]
     return norms, factors, groups.assignment
+
+
+def finite_records(norms: tf.Tensor) -> tf.Tensor:
+    """[R] bool: the record's gradient norm is finite (so is every entry)."""
+    return tf.math.is_finite(norms)
+
+
+def mask_records(x: tf.Tensor, finite: tf.Tensor) -> tf.Tensor:
+    """Zeroes the rows ``x[r]`` of non-finite records (``tf.where``, not ``*``)."""
+    rank = x.shape.rank
+    keep = tf.reshape(finite, [-1] + [1] * (rank - 1)) if rank and rank > 1 else finite
+    return tf.where(keep, x, tf.zeros_like(x))
+
+
+def dropped_records(norms: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(norms with +inf for non-finite records, number of such records)``."""
+    finite = finite_records(norms)
+    inf = tf.fill(tf.shape(norms), tf.constant(float("inf"), norms.dtype))
+    return tf.where(finite, norms, inf), tf.reduce_sum(tf.cast(~finite, tf.int32))
 
 
 ClippingFn = Callable[..., ClippedGradients]
@@ -240,54 +285,108 @@ def clip_and_sum(
     norms, factors, assignment = clip_factors_by_group(
         [(i, _sq_norms(g)) for i, g in enumerate(grads)], len(grads), num_records, l2_norm_clip, groups
     )
-    grad_sum = [tf.tensordot(factors[a], g, axes=[[0], [0]]) for a, g in zip(assignment, grads)]
-    return ClippedGradients(grad_sum, norms, tf.shape(norms)[0])
+    finite = finite_records(norms)
+    grad_sum = [tf.tensordot(factors[a], mask_records(g, finite), axes=[[0], [0]]) for a, g in zip(assignment, grads)]
+    norms, dropped = dropped_records(norms)
+    return ClippedGradients(grad_sum, norms, tf.shape(norms)[0], dropped)
 
 
-def _vectorized(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, groups=None):
+def _vectorized(model, per_example_loss_fn, variables, l2_norm_clip, groups=None):
     del model
+    return clip_and_sum(_jacobian_records(per_example_loss_fn, variables, None), l2_norm_clip, groups)
+
+
+def _jacobian_records(per_example_loss_fn, variables, records):
     with tf.GradientTape() as tape:
         losses = tf.cast(per_example_loss_fn(), tf.float32)
-        records = per_example.group_into_microbatches(losses, num_microbatches)
-    grads = per_example.per_record_gradients(tape, records, variables)
-    return clip_and_sum(grads, l2_norm_clip, groups)
+        rec = records_lib.record_losses(losses, records)
+    return per_example.per_record_gradients(tape, rec, variables)
 
 
-def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, groups=None):
-    del model
+def _record_losses_on_tape(per_example_loss_fn, variables, records):
+    """(persistent tape, [R] record losses, tf variables) for looped backprops."""
     tf_vars = [per_example._as_tf_variable(v) for v in variables]
     with tf.GradientTape(persistent=True) as tape:
         losses = tf.cast(per_example_loss_fn(), tf.float32)
-        records = per_example.group_into_microbatches(losses, num_microbatches)
-    num_records = tf.shape(records)[0]
-    zeros = [tf.zeros(v.shape, tf.float32) for v in tf_vars]
+        rec = records_lib.record_losses(losses, records)
+    return tape, rec, tf_vars
+
+
+def _one_record_gradient(tape, rec, tf_vars, i) -> list:
+    # Gradient of record i alone: backprop a one-hot output gradient, so no
+    # new op has to be recorded on the tape inside the loop.
+    g = tape.gradient(
+        rec,
+        tf_vars,
+        output_gradients=tf.one_hot(i, tf.shape(rec)[0], dtype=rec.dtype),
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    return [tf.cast(tf.convert_to_tensor(x), tf.float32) for x in g]
+
+
+def _microbatch(model, per_example_loss_fn, variables, l2_norm_clip, groups=None):
+    del model
+    tape, rec, tf_vars = _record_losses_on_tape(per_example_loss_fn, variables, None)
+    num_records = tf.shape(rec)[0]
 
     def body(i, acc, ta):
-        # Gradient of record i alone: backprop a one-hot output gradient, so
-        # no new op has to be recorded on the tape inside the loop.
-        g = tape.gradient(
-            records,
-            tf_vars,
-            output_gradients=tf.one_hot(i, num_records, dtype=records.dtype),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        g = [tf.cast(tf.convert_to_tensor(x), tf.float32) for x in g]
-        norms, factors, assignment = clip_factors_by_group(
-            [(j, tf.reshape(tf.reduce_sum(tf.square(x)), [1])) for j, x in enumerate(g)],
-            len(g),
-            1,
-            l2_norm_clip,
-            groups,
-        )
-        acc = [a + factors[grp][0] * x for a, grp, x in zip(acc, assignment, g)]
-        return i + 1, acc, ta.write(i, norms[0])
+        one = _one_record_gradient(tape, rec, tf_vars, i)
+        res = clip_and_sum([x[None] for x in one], l2_norm_clip, groups)
+        return i + 1, [a + x for a, x in zip(acc, res.grad_sum)], ta.write(i, res.norms[0])
 
+    zeros = [tf.zeros(v.shape, tf.float32) for v in tf_vars]
     _, acc, norms_ta = tf.while_loop(
         lambda i, *_: i < num_records,
         body,
         (tf.constant(0), zeros, tf.TensorArray(tf.float32, size=num_records)),
     )
-    return ClippedGradients(list(acc), norms_ta.stack(), num_records)
+    norms, dropped = dropped_records(norms_ta.stack())
+    return ClippedGradients(list(acc), norms, num_records, dropped)
+
+
+def _looped_record_gradients(per_example_loss_fn, variables, records):
+    tape, rec, tf_vars = _record_losses_on_tape(per_example_loss_fn, variables, records)
+
+    def body(i, tas):
+        return i + 1, [ta.write(i, x) for ta, x in zip(tas, _one_record_gradient(tape, rec, tf_vars, i))]
+
+    tas = [tf.TensorArray(tf.float32, size=records.num_records, element_shape=v.shape) for v in tf_vars]
+    _, tas = tf.while_loop(lambda i, *_: i < records.num_records, body, (tf.constant(0), tas))
+    return [ta.stack() for ta in tas]
+
+
+# Implementations that can form keyed microbatch records: unclipped [M, ...]
+# per-record gradients of one chunk, to be summed over chunks.
+_KEYED_RECORD_GRADIENTS = {
+    "vectorized": _jacobian_records,
+    "microbatch": _looped_record_gradients,
+}
+
+
+def keyed_record_impls() -> Tuple[str, ...]:
+    """Implementations that can form keyed microbatch records."""
+    return tuple(sorted(_KEYED_RECORD_GRADIENTS))
+
+
+def keyed_record_gradients(
+    strategy_name: str,
+    model,
+    per_example_loss_fn: Callable[[], tf.Tensor],
+    variables: Sequence,
+    records: records_lib.MicrobatchRecords,
+) -> list:
+    """Unclipped ``[M, *variable.shape]`` float32 gradients of the keyed records
+    of one chunk (rows of other chunks add to the same records)."""
+    del model
+    fn = _KEYED_RECORD_GRADIENTS.get(strategy_name)
+    if fn is None:
+        raise ValueError(
+            f"clipping={strategy_name!r} cannot form keyed microbatch records (num_microbatches): a group's "
+            "gradient must be accumulated over the physical chunks of a logical batch before it is clipped, "
+            f"which needs materialized per-record gradients; use clipping in {list(keyed_record_impls())} "
+            "or per-example records (num_microbatches=None)."
+        )
+    return fn(per_example_loss_fn, list(variables), records)
 
 
 register_clipping_impl("vectorized", _vectorized)
@@ -300,17 +399,23 @@ def clipped_gradient_sum(
     per_example_loss_fn: Callable[[], tf.Tensor],
     variables: Sequence,
     l2_norm_clip,
-    num_microbatches: Optional[int] = None,
+    records: Optional[records_lib.MicrobatchRecords] = None,
     groups: Optional[ClipGroups] = None,
 ) -> ClippedGradients:
-    """Runs the named clipping implementation (see module docstring)."""
+    """Runs the named clipping implementation (see module docstring).
+
+    With keyed ``records`` the rows given are the whole logical batch (one
+    chunk): the record gradients are formed and clipped here.
+    """
     check_l2_norm_clip(l2_norm_clip)
-    per_example.check_num_microbatches(num_microbatches, None)
     variables = list(variables)
     groups = check_clip_groups(groups, len(variables))
+    if records is not None:
+        grads = keyed_record_gradients(strategy_name, model, per_example_loss_fn, variables, records)
+        return clip_and_sum(grads, l2_norm_clip, groups)
     fn = get_clipping_impl(strategy_name)
     if groups is None:
-        return fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches)
+        return fn(model, per_example_loss_fn, variables, l2_norm_clip)
     if not _accepts_groups(fn):
         # Never fall back to global clipping silently: the caller asked for a
         # different per-group bound than global clipping gives.
@@ -318,7 +423,7 @@ def clipped_gradient_sum(
             f"clipping={strategy_name!r} does not support group-wise clipping (groups); "
             "use one of 'ghost', 'ghost_two_pass', 'vectorized', 'microbatch', or no groups."
         )
-    return fn(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches, groups=groups)
+    return fn(model, per_example_loss_fn, variables, l2_norm_clip, groups=groups)
 
 
 def _accepts_groups(fn: ClippingFn) -> bool:

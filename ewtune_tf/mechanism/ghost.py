@@ -52,9 +52,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from ewtune_tf.mechanism import clipping, ghost_layers, ghost_rules, per_example
+from ewtune_tf.mechanism import clipping, ghost_layers, ghost_rules
 from ewtune_tf.mechanism.ghost_layers import as_tf_variable, register_ghost_rule
-from ewtune_tf.mechanism.ghost_taps import Tap, group_rows, sq_norms
+from ewtune_tf.mechanism.ghost_taps import Tap, sq_norms
 
 __all__ = [
     "bookkeeping_clipped_gradients",
@@ -84,11 +84,8 @@ class _Capture(NamedTuple):
 
     tape: tf.GradientTape
     rec: ghost_layers.Recorder
-    losses: tf.Tensor  # [batch] float32 per-example losses
+    losses: tf.Tensor  # [batch] float32 per-example losses (records are examples)
     total: tf.Tensor  # their sum (recorded on the tape)
-    records: tf.Tensor  # [R] record losses
-    k: int  # examples per record
-    k_float: tf.Tensor
 
 
 class _NormPass(NamedTuple):
@@ -96,28 +93,28 @@ class _NormPass(NamedTuple):
     taps: List[Tap]  # taps of the variables without fallback
     out_grads: List[tf.Tensor]  # dL/d tap.output
     states: list  # per tap, what its clipped sum reuses
-    sq_terms: List[Tuple[int, tf.Tensor]]  # (variable index, [R] squared norms)
+    sq_terms: List[Tuple[int, tf.Tensor]]  # (variable index, [B] squared norms)
     fallback: List[int]  # variable indices on the jacobian fallback
-    jac: List[tf.Tensor]  # their [R, ...] per-record gradients
+    jac: List[tf.Tensor]  # their [B, ...] per-example gradients
 
 
-def _records_per_group(batch_size, num_microbatches: Optional[int]) -> tuple:
-    """(k, k as float tensor): examples per record."""
-    per_example.check_num_microbatches(num_microbatches, batch_size)
-    if num_microbatches is None:
-        return 1, tf.constant(1.0)
-    if batch_size is None:
+def _check_per_example_records(num_microbatches: Optional[int]) -> None:
+    """Ghost records are examples.
+
+    Keyed microbatch records (``ewtune_tf.mechanism.records``) are groups of
+    the whole logical batch, accumulated over physical chunks before they are
+    clipped; ghost norms of a group do not add across chunks, so ghost
+    clipping refuses them (records of consecutive rows are not sound: adding
+    one example shifts every later group).
+    """
+    if num_microbatches is not None:
         raise ValueError(
-            "ghost clipping with num_microbatches needs a static batch size; "
-            "use num_microbatches=None or a fixed physical batch."
+            f"num_microbatches={num_microbatches!r}: ghost clipping forms per-example records only; use "
+            "clipping='vectorized' or 'microbatch' for keyed microbatch records."
         )
-    if batch_size % num_microbatches != 0:
-        raise ValueError(f"num_microbatches={num_microbatches} does not divide the physical batch size {batch_size}.")
-    k = batch_size // num_microbatches
-    return k, tf.constant(float(k))
 
 
-def _capture(model, per_example_loss_fn, tf_vars, num_microbatches) -> _Capture:
+def _capture(model, per_example_loss_fn, tf_vars) -> _Capture:
     with tf.GradientTape(persistent=True) as tape:
         rec = ghost_layers.Recorder(tape, tf_vars)
         with ghost_layers.capture_layers(model, rec):
@@ -126,10 +123,8 @@ def _capture(model, per_example_loss_fn, tf_vars, num_microbatches) -> _Capture:
             raise ValueError(
                 f"per_example_loss_fn must return a [batch] vector of per-example losses; got shape {losses.shape}."
             )
-        k, k_float = _records_per_group(losses.shape[0], num_microbatches)
         total = tf.reduce_sum(losses)
-        records = losses if k == 1 else tf.reduce_mean(group_rows(losses, k), axis=1)
-    return _Capture(tape, rec, losses, total, records, k, k_float)
+    return _Capture(tape, rec, losses, total)
 
 
 def _fallback_indices(cap: _Capture, variables: Sequence, tf_vars: Sequence) -> List[int]:
@@ -152,7 +147,7 @@ def _fallback_indices(cap: _Capture, variables: Sequence, tf_vars: Sequence) -> 
 
 
 def _jacobian(cap: _Capture, tf_vars: Sequence, fallback: List[int]) -> List[tf.Tensor]:
-    """[R, ...] per-record gradients of the fallback variables.
+    """[B, ...] per-example gradients of the fallback variables.
 
     A variable's total gradient is the sum over its raw reads inside rules and
     its ordinary (auto-watched) reads elsewhere.
@@ -163,7 +158,7 @@ def _jacobian(cap: _Capture, tf_vars: Sequence, fallback: List[int]) -> List[tf.
         sources.extend([tf_vars[i]] + reads)
         owner.extend([i] * (1 + len(reads)))
     parts = cap.tape.jacobian(
-        cap.records, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
+        cap.losses, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO, experimental_use_pfor=True
     )
     per_var: Dict[int, tf.Tensor] = {}
     for i, j in zip(owner, parts):
@@ -173,7 +168,8 @@ def _jacobian(cap: _Capture, tf_vars: Sequence, fallback: List[int]) -> List[tf.
 
 
 def _norm_pass(model, per_example_loss_fn, variables, tf_vars, num_microbatches) -> _NormPass:
-    cap = _capture(model, per_example_loss_fn, tf_vars, num_microbatches)
+    _check_per_example_records(num_microbatches)
+    cap = _capture(model, per_example_loss_fn, tf_vars)
     fallback = _fallback_indices(cap, variables, tf_vars)
     skip = set(fallback)
     taps = [t for t in cap.rec.taps if t.var_index not in skip]
@@ -186,11 +182,10 @@ def _norm_pass(model, per_example_loss_fn, variables, tf_vars, num_microbatches)
     )
     by_output = {key: tf.convert_to_tensor(g) for key, g in zip(outputs, grads)}
     out_grads = [by_output[id(t.output)] for t in taps]
-    inv_k2 = 1.0 / (cap.k_float * cap.k_float)  # a record's loss is the mean of k examples
     sq_terms, states = [], []
     for tap, g in zip(taps, out_grads):
-        sq, state = tap.norm_pass(g, cap.k)
-        sq_terms.append((tap.var_index, sq * inv_k2))
+        sq, state = tap.norm_pass(g)
+        sq_terms.append((tap.var_index, sq))
         states.append(state)
     jac = _jacobian(cap, tf_vars, fallback) if fallback else []
     sq_terms.extend((i, sq_norms(j)) for i, j in zip(fallback, jac))
@@ -202,27 +197,29 @@ def _norm_pass(model, per_example_loss_fn, variables, tf_vars, num_microbatches)
 # --------------------------------------------------------------------------
 
 
-def _bookkeeping_sums(npass: _NormPass, scaled: list, assignment) -> List[Tuple[int, tf.Tensor]]:
-    """Each tap's clipped sum from its own (input, output-gradient) pair."""
-    k = npass.capture.k
+def _bookkeeping_sums(npass: _NormPass, factors: list, assignment, finite) -> List[Tuple[int, tf.Tensor]]:
+    """Each tap's clipped sum from its own (input, output-gradient) pair; the
+    rows of non-finite examples are zeroed, so a NaN stays in its own row."""
     return [
-        (tap.var_index, tap.clipped_sum(g, scaled[assignment[tap.var_index]], k, state))
+        (tap.var_index, tap.clipped_sum(g, factors[assignment[tap.var_index]], state, finite))
         for tap, g, state in zip(npass.taps, npass.out_grads, npass.states)
     ]
 
 
-def _two_pass_sums(npass: _NormPass, scaled: list, assignment) -> List[Tuple[int, tf.Tensor]]:
+def _two_pass_sums(npass: _NormPass, factors: list, assignment, finite) -> List[Tuple[int, tf.Tensor]]:
     """One re-weighted backward pass per clip group (a single pass under
-    global clipping), each restricted to the taps of its group."""
+    global clipping), each restricted to the taps of its group. A non-finite
+    example has factor 0, but the batched pass can still spread its NaN
+    (``0 * NaN``): the result reports rows as not isolated."""
+    del finite
     cap = npass.capture
     members: Dict[int, List[Tap]] = {}
     for tap in npass.taps:
         members.setdefault(assignment[tap.var_index], []).append(tap)
     out = []
     for grp, taps in members.items():
-        weights = tf.repeat(scaled[grp], cap.k) if cap.k > 1 else scaled[grp]
         with cap.tape:
-            weighted = tf.reduce_sum(cap.losses * weights)
+            weighted = tf.reduce_sum(cap.losses * factors[grp])
         grads = cap.tape.gradient(
             weighted, [t.weight_read for t in taps], unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
@@ -257,35 +254,44 @@ def ghost_clipped_gradients(
       variables: the trainable variables to differentiate.
       l2_norm_clip: clipping bound C (> 0, may be ``inf``), L2 norm over all
         ``variables`` jointly.
-      num_microbatches: None (per-example records) or the number of records of
-        consecutive examples; a record loss is the mean of its examples.
+      num_microbatches: must be None: records are examples (ghost norms of a
+        keyed microbatch record do not add across chunks; ValueError).
       mode: ``"bookkeeping"`` or ``"two_pass"``.
       groups: None (one global clip) or a :class:`clipping.ClipGroups` for
         group-wise clipping (two-pass mode then runs one re-weighted backward
         pass per group).
 
     Returns:
-      ``ClippedGradients(grad_sum, norms, num_records)``, all float32.
+      ``ClippedGradients(grad_sum, norms, num_records, num_nonfinite,
+      rows_isolated)``: float32 sums and norms (+inf for an example dropped
+      for a non-finite gradient, which contributes exactly 0).
     """
     variables, groups = _check_args(mode, l2_norm_clip, variables, groups)
     tf_vars = [as_tf_variable(v) for v in variables]
     npass = _norm_pass(model, per_example_loss_fn, variables, tf_vars, num_microbatches)
-    cap = npass.capture
-    num_records = tf.shape(cap.records)[0]
+    num_records = tf.shape(npass.capture.losses)[0]
     norms, factors, assignment = clipping.clip_factors_by_group(
         npass.sq_terms, len(variables), num_records, l2_norm_clip, groups
     )
-    scaled = [f / cap.k_float for f in factors]  # per group: factor / examples per record
-    sums = (_two_pass_sums if mode == "two_pass" else _bookkeeping_sums)(npass, scaled, assignment)
-    # Fallback variables: the clipped sum of their jacobian rows (the records
-    # already include the 1/k of a microbatch mean).
-    sums += [(i, tf.tensordot(factors[assignment[i]], j, axes=[[0], [0]])) for i, j in zip(npass.fallback, npass.jac)]
+    # A non-finite example contributes exactly 0: its factor is 0 and its rows
+    # are masked (tf.where), since 0 * NaN is NaN.
+    finite = clipping.finite_records(norms)
+    sums = (_two_pass_sums if mode == "two_pass" else _bookkeeping_sums)(npass, factors, assignment, finite)
+    sums += [
+        (i, tf.tensordot(factors[assignment[i]], clipping.mask_records(j, finite), axes=[[0], [0]]))
+        for i, j in zip(npass.fallback, npass.jac)
+    ]
     grad_sum: List[Optional[tf.Tensor]] = [None] * len(variables)
     for i, value in sums:
         value = tf.reshape(tf.cast(value, tf.float32), tf_vars[i].shape)
         grad_sum[i] = value if grad_sum[i] is None else grad_sum[i] + value
     result = [g if g is not None else tf.zeros(v.shape, tf.float32) for g, v in zip(grad_sum, tf_vars)]
-    return clipping.ClippedGradients(result, norms, num_records)
+    norms, dropped = clipping.dropped_records(norms)
+    # Book-keeping sums are formed per row from captured tap pairs, so a NaN
+    # stays in its own record; the jacobian fallback and the two-pass
+    # backward pass mix rows (0 * NaN), so the caller must isolate them.
+    isolated = mode != "two_pass" and not npass.fallback
+    return clipping.ClippedGradients(result, norms, num_records, dropped, isolated)
 
 
 def ghost_norms(
@@ -294,12 +300,13 @@ def ghost_norms(
     variables: Sequence,
     num_microbatches: Optional[int] = None,
 ) -> tf.Tensor:
-    """The norm pass alone: ``[R]`` float32 per-record gradient norms over all
-    ``variables`` jointly (arguments as in :func:`ghost_clipped_gradients`)."""
+    """The norm pass alone: ``[batch]`` float32 per-example gradient norms over
+    all ``variables`` jointly (NaN/inf for a non-finite gradient; arguments as
+    in :func:`ghost_clipped_gradients`)."""
     variables = list(variables)
     tf_vars = [as_tf_variable(v) for v in variables]
     npass = _norm_pass(model, per_example_loss_fn, variables, tf_vars, num_microbatches)
-    num_records = tf.shape(npass.capture.records)[0]
+    num_records = tf.shape(npass.capture.losses)[0]
     norms, _, _ = clipping.clip_factors_by_group(npass.sq_terms, len(variables), num_records, float("inf"))
     return norms
 

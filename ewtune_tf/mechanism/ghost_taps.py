@@ -8,13 +8,14 @@ per-record gradients of the weight from ``g = dL/d output``. Because the loss
 is a sum of per-example losses and the layers do not mix examples, row b of
 ``g`` is example b's own output gradient.
 
-Every tap kind answers two questions:
+Records are examples. Every tap kind answers two questions:
 
-* ``norm_pass(g, k) -> (sq, state)``: the ``[R]`` squared norms of the
-  per-record gradients of its weight (records of ``k`` consecutive examples;
-  ``k = 1``: examples), plus whatever the sum needs again;
-* ``clipped_sum(g, factors, k, state)``: ``sum_r factors[r] * grad_r``,
-  in the weight's shape (or a shape with the same number of elements).
+* ``norm_pass(g) -> (sq, state)``: the ``[B]`` squared norms of the
+  per-example gradients of its weight, plus whatever the sum needs again;
+* ``clipped_sum(g, factors, state, finite)``: ``sum_b factors[b] * grad_b``
+  over the examples whose ``finite[b]`` is True, in the weight's shape (or a
+  shape with the same number of elements). The other examples' rows are
+  zeroed with ``tf.where`` first, since ``0 * NaN`` is NaN (their factor is 0).
 
 Kinds:
 
@@ -41,6 +42,8 @@ from typing import Callable, Optional, Tuple, Union
 
 import tensorflow as tf
 
+from ewtune_tf.mechanism.clipping import mask_records
+
 # Testing hook: None (cost-based choice), "ghost" or "materialize".
 _FORCE_NORM_METHOD: Optional[str] = None
 
@@ -53,20 +56,8 @@ def unused_letters(used: str, n: int) -> str:
     return "".join(free[:n])
 
 
-def group_rows(x: tf.Tensor, k: int) -> tf.Tensor:
-    """``[B, ...] -> [B // k, k, ...]`` (records of k consecutive examples)."""
-    if k == 1:
-        return x
-    shape = tf.shape(x)
-    out = tf.reshape(x, tf.concat([[shape[0] // k, k], shape[1:]], axis=0))
-    if x.shape.rank is not None:
-        b = x.shape[0]
-        out.set_shape([b // k if b is not None else None, k] + x.shape.as_list()[1:])
-    return out
-
-
 def sq_norms(x: tf.Tensor) -> tf.Tensor:
-    """``[R]`` squared L2 norms of a per-record tensor ``[R, ...]``."""
+    """``[B]`` squared L2 norms of a per-example tensor ``[B, ...]``."""
     return tf.reduce_sum(tf.reshape(tf.square(x), [tf.shape(x)[0], -1]), axis=1)
 
 
@@ -84,10 +75,10 @@ class Tap:
     output: tf.Tensor
     weight_read: tf.Tensor
 
-    def norm_pass(self, g: tf.Tensor, k: int) -> Tuple[tf.Tensor, object]:
+    def norm_pass(self, g: tf.Tensor) -> Tuple[tf.Tensor, object]:
         raise NotImplementedError
 
-    def clipped_sum(self, g: tf.Tensor, factors: tf.Tensor, k: int, state: object) -> tf.Tensor:
+    def clipped_sum(self, g: tf.Tensor, factors: tf.Tensor, state: object, finite: tf.Tensor) -> tf.Tensor:
         raise NotImplementedError
 
 
@@ -102,38 +93,38 @@ class EinsumTap(Tap):
     equation: str
     inputs: tf.Tensor
 
-    def norm_pass(self, g, k):
-        plan = _EinsumPlan(self, k)
-        g = group_rows(_f32(g), k)
+    def norm_pass(self, g):
+        plan = _EinsumPlan(self)
+        g = _f32(g)
         method = plan.norm_method(g)
         if isinstance(method, str):
             if method == "ghost":
                 return plan.ghost_sq(g), (plan, None)
-            pe = plan.per_record(g)
+            pe = plan.per_example(g)
             return sq_norms(pe), (plan, pe)
         # Length known only at run time: choose per call; the sum then never
         # reuses materialized gradients (they would have to leave the cond).
-        sq = tf.cond(method, lambda: plan.ghost_sq(g), lambda: sq_norms(plan.per_record(g)))
+        sq = tf.cond(method, lambda: plan.ghost_sq(g), lambda: sq_norms(plan.per_example(g)))
         return sq, (plan, None)
 
-    def clipped_sum(self, g, factors, k, state):
+    def clipped_sum(self, g, factors, state, finite):
         plan, pe = state
-        if pe is not None:  # materialized per-record gradients
-            return tf.tensordot(factors, pe, axes=[[0], [0]])
-        g = group_rows(_f32(g), k)
-        scaled = plan.a * tf.reshape(factors, [-1] + [1] * (plan.a.shape.rank - 1))
-        return tf.einsum(f"{plan.inp},{plan.out}->{plan.ker}", scaled, g)
+        if pe is not None:  # materialized per-example gradients
+            return tf.tensordot(factors, mask_records(pe, finite), axes=[[0], [0]])
+        a = mask_records(plan.a, finite)
+        scaled = a * tf.reshape(factors, [-1] + [1] * (a.shape.rank - 1))
+        return tf.einsum(f"{plan.inp},{plan.out}->{plan.ker}", scaled, mask_records(_f32(g), finite))
 
 
 class _EinsumPlan:
-    """Axis bookkeeping of an :class:`EinsumTap` (optionally grouped by k).
+    """Axis bookkeeping of an :class:`EinsumTap`.
 
-    Letters: ``b`` batch (record), ``t`` sequence-like axes (input and output,
+    Letters: ``b`` batch (example), ``t`` sequence-like axes (input and output,
     not kernel), ``s`` axes shared by all three (weight slices), ``k_in`` /
     ``k_out`` kernel axes also in the input / output only.
     """
 
-    def __init__(self, tap: EinsumTap, k: int):
+    def __init__(self, tap: EinsumTap):
         lhs, out = tap.equation.split("->")
         inp, ker = lhs.split(",")
         a = _f32(tap.inputs)
@@ -143,10 +134,6 @@ class _EinsumPlan:
         if in_only:
             a = tf.reduce_sum(a, axis=in_only)
             inp = "".join(c for i, c in enumerate(inp) if i not in in_only)
-        if k > 1:
-            m = unused_letters(tap.equation, 1)
-            inp, out = inp[0] + m + inp[1:], out[0] + m + out[1:]
-            a = group_rows(a, k)
         self.a, self.inp, self.ker, self.out = a, inp, ker, out
         self.b = inp[0]
         self.t = "".join(c for c in inp[1:] if c in out and c not in ker)
@@ -193,7 +180,7 @@ class _EinsumPlan:
         gg = tf.einsum(f"{self.out},{out2}->{res}", g, g)
         return tf.reduce_sum(tf.reshape(ga * gg, [tf.shape(ga)[0], -1]), axis=1)
 
-    def per_record(self, g: tf.Tensor) -> tf.Tensor:
+    def per_example(self, g: tf.Tensor) -> tf.Tensor:
         return tf.einsum(f"{self.inp},{self.out}->{self.b}{self.ker}", self.a, g)
 
 
@@ -212,20 +199,19 @@ class GatherTap(Tap):
     ids: tf.Tensor
     num_rows: int
 
-    def norm_pass(self, g, k):
+    def norm_pass(self, g):
         g = _f32(g)
         dim = tf.shape(g)[-1]
-        num_records = tf.shape(g)[0] // k
-        ids = tf.reshape(self.ids, [num_records, -1])
-        rows = tf.reshape(g, [num_records, -1, dim])
+        batch = tf.shape(g)[0]
+        ids = tf.reshape(self.ids, [batch, -1])
+        rows = tf.reshape(g, [batch, -1, dim])
         gram = tf.einsum("rnd,rmd->rnm", rows, rows)
         same = tf.equal(ids[:, :, None], ids[:, None, :])
         return tf.reduce_sum(tf.where(same, gram, tf.zeros_like(gram)), axis=[1, 2]), None
 
-    def clipped_sum(self, g, factors, k, state):
-        g = _f32(g)
-        per_example = tf.repeat(factors, k) if k > 1 else factors
-        scaled = g * tf.reshape(per_example, [-1] + [1] * (g.shape.rank - 1))
+    def clipped_sum(self, g, factors, state, finite):
+        g = mask_records(_f32(g), finite)
+        scaled = g * tf.reshape(factors, [-1] + [1] * (g.shape.rank - 1))
         dim = tf.shape(g)[-1]
         return tf.math.unsorted_segment_sum(tf.reshape(scaled, [-1, dim]), tf.reshape(self.ids, [-1]), self.num_rows)
 
@@ -246,11 +232,9 @@ class ReduceTap(Tap):
     per_example: Callable[[tf.Tensor], tf.Tensor]
     expand: Callable[[tf.Tensor], tf.Tensor] = _identity
 
-    def norm_pass(self, g, k):
+    def norm_pass(self, g):
         pe = _f32(self.per_example(g))
-        if k > 1:
-            pe = tf.reduce_sum(group_rows(pe, k), axis=1)
         return sq_norms(pe), pe
 
-    def clipped_sum(self, g, factors, k, state):
-        return self.expand(tf.tensordot(factors, state, axes=[[0], [0]]))
+    def clipped_sum(self, g, factors, state, finite):
+        return self.expand(tf.tensordot(factors, mask_records(state, finite), axes=[[0], [0]]))

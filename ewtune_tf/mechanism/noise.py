@@ -30,7 +30,8 @@ No replica's contribution is ever left un-noised in the result (if a
 replica's streams were accidentally correlated the total std would only grow).
 
 Normalization: the noised sum is divided by the *expected* number of records
-per logical step (``q * N`` examples, or that over the microbatch size), a
+per logical step (``q * N`` examples, or the M keyed microbatch records, each
+normalised by the expected group size; ``ewtune_tf.mechanism.records``), a
 data-independent constant, never by the realised batch size.
 """
 

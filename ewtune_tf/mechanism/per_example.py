@@ -1,7 +1,7 @@
-"""Vectorized per-example (or per-microbatch) gradients.
+"""Vectorized per-record gradients.
 
-A *record* is the unit whose gradient is clipped: one example by default, or
-one microbatch of ``batch_size // num_microbatches`` consecutive examples.
+A *record* is the unit whose gradient is clipped: one example, or one keyed
+microbatch group (``ewtune_tf.mechanism.records``).
 
 The gradients are computed with ``tf.GradientTape.jacobian`` of the vector of
 per-record losses, vectorized with pfor (``experimental_use_pfor=True``), in
@@ -9,65 +9,19 @@ the manner of TF Privacy's vectorized optimizers. We do not use
 ``tf.vectorized_map`` over the forward pass: through Keras 3 ``EinsumDense`` /
 ``MultiHeadAttention`` it segfaults on x86 while oneDNN custom ops are on.
 
-Units: a microbatch loss is the *sum* of its examples' (weighted) losses
-divided by the microbatch size, i.e. the mean with padding rows counted as
-zero-loss members. Dividing the clipped, noised sum of microbatch gradients by
-``expected_batch_size / microbatch_size`` therefore gives the same scale as the
-per-example path (see ``ewtune_tf.mechanism.noise``).
+Caveat (why the private step re-runs a chunk row by row when a record is not
+finite): the jacobian differentiates one *batched* forward pass, so a
+weight-gradient product ``activations^T @ upstream`` mixes rows, and one row's
+NaN/inf activation times another record's zero upstream gradient is NaN. A
+single non-finite example therefore makes *every* row of the jacobian
+non-finite.
 """
 
 from typing import Optional, Sequence
 
 import tensorflow as tf
 
-
-def check_num_microbatches(num_microbatches: Optional[int], batch_size) -> None:
-    """Raises ValueError unless num_microbatches is None or divides batch_size.
-
-    ``batch_size`` may be a Python int or None (unknown statically; then only
-    the type/range of num_microbatches is checked here and divisibility is
-    asserted at run time by :func:`group_into_microbatches`).
-    """
-    if num_microbatches is None:
-        return
-    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int):
-        raise ValueError(
-            "num_microbatches must be None or a positive integer that divides "
-            f"the physical batch size; got {num_microbatches!r}."
-        )
-    if num_microbatches < 1:
-        raise ValueError(
-            "num_microbatches must be None or an integer >= 1 that divides the "
-            f"physical batch size; got {num_microbatches}."
-        )
-    if batch_size is not None and batch_size % num_microbatches != 0:
-        raise ValueError(
-            f"num_microbatches={num_microbatches} does not divide the physical "
-            f"batch size {batch_size}; choose num_microbatches in the divisors "
-            f"of {batch_size} (or None for per-example clipping)."
-        )
-
-
-def group_into_microbatches(per_example_losses: tf.Tensor, num_microbatches: Optional[int]) -> tf.Tensor:
-    """Maps a [batch] loss vector to a [num_records] vector of record losses.
-
-    With ``num_microbatches=None`` this is the identity. Otherwise the batch is
-    split into ``num_microbatches`` groups of consecutive examples and each
-    record loss is ``sum(group) / group_size``.
-    """
-    if num_microbatches is None:
-        return per_example_losses
-    static_batch = per_example_losses.shape[0]
-    check_num_microbatches(num_microbatches, static_batch)
-    if static_batch is None:
-        batch = tf.shape(per_example_losses)[0]
-        tf.debugging.assert_equal(
-            batch % num_microbatches,
-            0,
-            message=f"num_microbatches={num_microbatches} must divide the physical batch size",
-        )
-    grouped = tf.reshape(per_example_losses, [num_microbatches, -1])
-    return tf.reduce_mean(grouped, axis=1)
+from ewtune_tf.mechanism import records as records_lib
 
 
 def _as_tf_variable(v):
@@ -103,10 +57,12 @@ def per_record_gradients(
     return out
 
 
-def per_example_gradients(model_fn, variables: Sequence, num_microbatches=None) -> list:
+def per_example_gradients(
+    model_fn, variables: Sequence, records: Optional[records_lib.MicrobatchRecords] = None
+) -> list:
     """Convenience wrapper: runs ``model_fn()`` -> [batch] losses under a tape
     and returns per-record gradients (see :func:`per_record_gradients`)."""
     with tf.GradientTape() as tape:
         losses = model_fn()
-        records = group_into_microbatches(losses, num_microbatches)
-    return per_record_gradients(tape, records, variables)
+        rec = records_lib.record_losses(losses, records)
+    return per_record_gradients(tape, rec, variables)

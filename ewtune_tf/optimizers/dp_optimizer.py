@@ -17,8 +17,13 @@ of X that
   ``dp_steps`` (private steps taken: noise releases), ``dp_noise_multiplier``,
   ``dp_sampling_probability``, ``dp_delta``, ``dp_l2_norm_clip`` (-1 = unknown),
   ``dp_max_steps`` (budget cap set by PrivacyBudget; -1 = none),
-  ``dp_epsilon`` / ``dp_epsilon_estimate`` (last values logged), and
-  ``dp_adaptive_clip`` (current clip under adaptive clipping);
+  ``dp_epsilon`` / ``dp_epsilon_estimate`` (last values logged),
+  ``dp_adaptive_clip`` (current clip under adaptive clipping),
+  ``dp_record_sensitivity`` (1 per example, 2 for keyed microbatches: a
+  checkpoint is never resumed under another record definition), and
+  ``dp_nonfinite_records`` (records dropped for a non-finite gradient: a
+  statistic of the private data, kept in the process and its checkpoints,
+  never logged or reported);
 * refuses ``apply``/``apply_gradients`` outside a private training step
   (:class:`NonPrivateStepError`), so a model compiled with an EWTune optimizer
   but not made private fails at trace time of its first step, before any
@@ -173,6 +178,8 @@ class EWTuneOptimizerMixin:
         self.dp_adaptive_clip = var(
             "dp_adaptive_clip", cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0, "float32"
         )
+        self.dp_record_sensitivity = var("dp_record_sensitivity", cfg.sensitivity, "float64")
+        self.dp_nonfinite_records = var("dp_nonfinite_records", 0, "int64")
 
     def current_l2_norm_clip(self):
         """The clip to use now: a float (fixed) or a float32 tensor (adaptive)."""
@@ -205,14 +212,7 @@ class EWTuneOptimizerMixin:
         Host-side twin of the in-graph asserts of apply_private_gradients
         (which XLA compiles away under jit_compile=True).
         """
-        cfg = self._privacy
-        expected = {
-            "dp_noise_multiplier": cfg.noise_multiplier,
-            "dp_sampling_probability": _unknown(cfg.sampling_probability),
-            "dp_delta": _unknown(cfg.delta),
-            "dp_l2_norm_clip": cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0,
-        }
-        for name, want in expected.items():
+        for name, want in self._expected_state().items():
             got = float(getattr(self, name).numpy())
             if got != want:
                 raise ValueError(
@@ -221,6 +221,17 @@ class EWTuneOptimizerMixin:
                     "different privacy configuration; accounting across it would be "
                     "wrong. Use the configuration the checkpoint was trained with."
                 )
+
+    def _expected_state(self) -> Dict[str, float]:
+        """The checkpointed privacy variables that must equal the configuration."""
+        cfg = self._privacy
+        return {
+            "dp_noise_multiplier": cfg.noise_multiplier,
+            "dp_sampling_probability": _unknown(cfg.sampling_probability),
+            "dp_delta": _unknown(cfg.delta),
+            "dp_l2_norm_clip": cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0,
+            "dp_record_sensitivity": cfg.sensitivity,
+        }
 
     def check_budget(self, upcoming_steps: int = 1) -> None:
         """Raises PrivacyBudgetExhausted unless ``upcoming_steps`` more private
@@ -233,29 +244,17 @@ class EWTuneOptimizerMixin:
             )
 
     def _state_asserts(self) -> list:
-        cfg = self._privacy
-        clip = cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0
         msg = (
             "Restored privacy state differs from the optimizer's configuration "
             "(checkpoint from a different privacy configuration): "
         )
         ops = [
             tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.dp_noise_multiplier),
-                tf.constant(cfg.noise_multiplier, tf.float64),
-                message=msg + "noise_multiplier",
-            ),
-            tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.dp_sampling_probability),
-                tf.constant(_unknown(cfg.sampling_probability), tf.float64),
-                message=msg + "sampling_probability",
-            ),
-            tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.dp_delta), tf.constant(_unknown(cfg.delta), tf.float64), message=msg + "delta"
-            ),
-            tf.debugging.assert_equal(
-                tf.convert_to_tensor(self.dp_l2_norm_clip), tf.constant(clip, tf.float64), message=msg + "l2_norm_clip"
-            ),
+                tf.convert_to_tensor(getattr(self, name)),
+                tf.constant(want, tf.float64),
+                message=msg + name[len("dp_") :],
+            )
+            for name, want in self._expected_state().items()
         ]
         steps = tf.convert_to_tensor(self.dp_steps)
         max_steps = tf.convert_to_tensor(self.dp_max_steps)
@@ -298,11 +297,14 @@ class EWTuneOptimizerMixin:
     def expected_records(self, physical_batch_size: Optional[int]) -> float:
         """Divisor of the noised sum: expected records per logical step.
 
-        ``physical_batch_size`` is the static size of one chunk the clipping
-        impl sees (needed for microbatches, or when no expected batch size is
-        configured).
+        Per-example records: the expected batch size (or, when none is
+        configured, ``physical_batch_size``, the static size of the chunk the
+        clipping implementation sees). Keyed microbatch records: M, since a
+        record's loss is its members' sum over the expected group size B / M.
         """
         cfg = self._privacy
+        if cfg.num_microbatches is not None:
+            return float(cfg.num_microbatches)
         b = cfg.expected_batch_size
         if b is None:
             if physical_batch_size is None:
@@ -311,12 +313,32 @@ class EWTuneOptimizerMixin:
                     "the optimizer when the batch dimension is not static."
                 )
             b = float(physical_batch_size)
-        if cfg.num_microbatches is None:
-            return float(b)
-        if physical_batch_size is None:
-            raise ValueError("num_microbatches requires a static physical batch size.")
-        microbatch_size = physical_batch_size / cfg.num_microbatches
-        return float(b) / microbatch_size
+        return float(b)
+
+    def _check_replica_safe(self, num_replicas: int) -> None:
+        """Refuses what would act on a replica's partial sum (ValueError).
+
+        Keras applies clipnorm / global_clipnorm / clipvalue before it
+        all-reduces the replicas' gradients: each replica would clip its own
+        partial sum, which carries only noise std sigma*C/sqrt(R), and the
+        R noises would no longer add up to sigma*C on the update.
+        """
+        if num_replicas <= 1:
+            return
+        set_ = {k: getattr(self, k, None) for k in ("clipnorm", "global_clipnorm", "clipvalue")}
+        set_ = {k: v for k, v in set_.items() if v}
+        if set_:
+            raise ValueError(
+                f"{', '.join(f'{k}={v}' for k, v in set_.items())}: with {num_replicas} replicas in sync Keras "
+                "applies it to each replica's partial gradient before the all-reduce, where each carries only "
+                "1/sqrt(replicas) of the noise; remove it (the privacy clipping is l2_norm_clip) or train on "
+                "one replica."
+            )
+        if self._privacy.adaptive_clipping:
+            raise ValueError(
+                "target_unclipped_quantile (adaptive clipping) supports a single replica "
+                f"only; this strategy has {num_replicas}. Use a fixed l2_norm_clip."
+            )
 
     def apply_private_gradients(
         self,
@@ -325,53 +347,50 @@ class EWTuneOptimizerMixin:
         *,
         physical_batch_size: Optional[int],
         centered_unclipped_count: Optional[tf.Tensor] = None,
+        num_nonfinite: Optional[tf.Tensor] = None,
     ):
         """Noises the local clipped sum, normalizes and applies one update.
 
         Must run in the replica context of the train step. Each replica adds
         noise std sigma*C/sqrt(R); Keras's all-reduce SUM of the gradients
         then carries noise std sigma*C (see ewtune_tf.mechanism.noise).
+        ``num_nonfinite`` (records dropped for a non-finite gradient) is
+        added to ``dp_nonfinite_records``.
         """
         cfg = self._privacy
-        strategy = tf.distribute.get_strategy()
-        num_replicas = strategy.num_replicas_in_sync
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self._check_replica_safe(num_replicas)
         ctx = tf.distribute.get_replica_context()
         replica_id = ctx.replica_id_in_sync_group if ctx is not None else 0
         divisor = self.expected_records(physical_batch_size)
-        # A non-finite clipped sum would turn the update into NaN/inf for
-        # every weight; refuse it before anything is applied.
+        # Bug guard, not a data check: every record is masked and clipped, so
+        # the sum is finite whatever the data (sum of records of norm <= C).
         finite = [
-            tf.debugging.assert_all_finite(
-                g,
-                "Non-finite gradients in the private step (a per-example loss "
-                "or gradient is NaN/inf); no update was applied.",
-            )
+            tf.debugging.assert_all_finite(g, "Non-finite clipped sum in the private step (a bug); no update applied.")
             for g in clipped_sum
         ]
         with tf.control_dependencies(self._state_asserts() + finite):
             step = tf.identity(tf.convert_to_tensor(self.dp_steps))
         seed = noise_lib.make_seed(step, replica_id, cfg.noise_seed)
-        new_clip = None
-        if cfg.adaptive_clipping:
-            if num_replicas > 1:
-                raise ValueError(
-                    "target_unclipped_quantile (adaptive clipping) supports a single replica "
-                    f"only; this strategy has {num_replicas}. Use a fixed l2_norm_clip."
-                )
-            if centered_unclipped_count is None:
-                raise ValueError("adaptive clipping needs the centered unclipped count from the train step.")
-            noised, new_clip = noise_lib.add_gaussian_noise_adaptive(
-                clipped_sum,
-                centered_unclipped_count,
-                l2_norm_clip=self.current_l2_norm_clip(),
-                noise_multiplier=cfg.noise_multiplier,
-                clipped_count_stddev=cfg.clipped_count_stddev,
-                target_unclipped_quantile=cfg.target_unclipped_quantile,
-                learning_rate=cfg.clip_learning_rate,
-                expected_records=divisor,
-                seed=seed,
-            )
-        else:
+        noised, new_clip = self._noised_sum(clipped_sum, centered_unclipped_count, divisor, seed, num_replicas)
+        grads = noise_lib.normalize(noised, divisor)
+        grads = [tf.cast(g, v.dtype) for g, v in zip(grads, trainable_variables)]
+        with self._private_update_scope():
+            self.apply(grads, trainable_variables)
+        if new_clip is not None:
+            self.dp_adaptive_clip.assign(new_clip)
+        if num_nonfinite is not None:
+            dropped = tf.cast(num_nonfinite, tf.int64)
+            if ctx is not None and num_replicas > 1:
+                dropped = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dropped)
+            self.dp_nonfinite_records.assign_add(dropped)
+        self.dp_steps.assign_add(1)
+        return grads
+
+    def _noised_sum(self, clipped_sum, centered_unclipped_count, divisor, seed, num_replicas):
+        """(noised sum, new adaptive clip or None)."""
+        cfg = self._privacy
+        if not cfg.adaptive_clipping:
             noised = noise_lib.add_gaussian_noise(
                 clipped_sum,
                 l2_norm_clip=cfg.l2_norm_clip,
@@ -379,14 +398,20 @@ class EWTuneOptimizerMixin:
                 seed=seed,
                 num_replicas=num_replicas,
             )
-        grads = noise_lib.normalize(noised, divisor)
-        grads = [tf.cast(g, v.dtype) for g, v in zip(grads, trainable_variables)]
-        with self._private_update_scope():
-            self.apply(grads, trainable_variables)
-        if new_clip is not None:
-            self.dp_adaptive_clip.assign(new_clip)
-        self.dp_steps.assign_add(1)
-        return grads
+            return noised, None
+        if centered_unclipped_count is None:
+            raise ValueError("adaptive clipping needs the centered unclipped count from the train step.")
+        return noise_lib.add_gaussian_noise_adaptive(
+            clipped_sum,
+            centered_unclipped_count,
+            l2_norm_clip=self.current_l2_norm_clip(),
+            noise_multiplier=cfg.noise_multiplier,
+            clipped_count_stddev=cfg.clipped_count_stddev,
+            target_unclipped_quantile=cfg.target_unclipped_quantile,
+            learning_rate=cfg.clip_learning_rate,
+            expected_records=divisor,
+            seed=seed,
+        )
 
     # -------------------------------------------------------- serialization
     def get_config(self):

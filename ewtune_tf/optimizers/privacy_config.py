@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ewtune_tf.mechanism import clipping as clipping_lib
 from ewtune_tf.mechanism import noise as noise_lib
-from ewtune_tf.mechanism import per_example
+from ewtune_tf.mechanism import records as records_lib
 
 SAMPLING_MODES = ("poisson", "shuffle")
 
@@ -53,6 +53,8 @@ class PrivacyConfig:
     Attributes:
       l2_norm_clip: C, per-record global L2 clip norm, in (0, inf].
       noise_multiplier: sigma; noise std on the clipped sum is sigma * C.
+        The accountant sees ``accounted_noise_multiplier`` = sigma / the
+        record's sensitivity (see ``record`` and ``sensitivity``).
       sampling_probability: q in (0, 1], or None when unknown (then epsilon
         cannot be computed and PrivacyBudget refuses to run).
       delta: target delta in (0, 1), or None.
@@ -60,7 +62,9 @@ class PrivacyConfig:
         noised sum is divided by it. None: the static physical batch size is
         used at trace time.
       num_examples, epochs, target_epsilon: as given (None if not).
-      num_microbatches: None (per example) or records per physical chunk.
+      num_microbatches: None (per-example records, sensitivity C) or M, the
+        number of keyed record groups per logical batch (sensitivity 2C; see
+        ``ewtune_tf.mechanism.records``).
       clipping: clipping implementation name.
       accountant_method, accountant_order, certify: accountant options.
       sampling: "poisson" (what the accountant assumes) or "shuffle".
@@ -106,6 +110,21 @@ class PrivacyConfig:
     @property
     def adaptive_clipping(self) -> bool:
         return self.target_unclipped_quantile is not None
+
+    @property
+    def record(self) -> str:
+        """The record clipped to C: "example" or "keyed_microbatch"."""
+        return records_lib.record_definition(self.num_microbatches)
+
+    @property
+    def sensitivity(self) -> float:
+        """Add/remove sensitivity of the clipped sum, in units of C (1 or 2)."""
+        return records_lib.record_sensitivity(self.num_microbatches)
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """The accountant's sigma: noise_multiplier / sensitivity."""
+        return records_lib.accounted_noise_multiplier(self.noise_multiplier, self.num_microbatches)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,7 +235,7 @@ def resolve_privacy_config(
     recalibrated).
     """
     c = clipping_lib.check_l2_norm_clip(l2_norm_clip)
-    per_example.check_num_microbatches(num_microbatches, None)
+    num_microbatches = records_lib.check_num_microbatches(num_microbatches)
     if not isinstance(clipping, str) or clipping not in clipping_lib.available_clipping_impls():
         raise ValueError(f"clipping must be one of {clipping_lib.available_clipping_impls()}; got {clipping!r}.")
     if sampling not in SAMPLING_MODES:
@@ -250,6 +269,7 @@ def resolve_privacy_config(
         q = b / n
     if q is not None and n is not None and b is None:
         b = q * n
+    _check_microbatching(num_microbatches, clipping, b)
 
     calibrated = noise_multiplier_source == "calibrated"
     if target_epsilon is not None and noise_multiplier is not None and not calibrated:
@@ -288,7 +308,9 @@ def resolve_privacy_config(
             order=accountant_order,
             certify=certify,
         )
-        sigma = float(result.noise_multiplier)
+        # The accountant's sigma, times the sensitivity: the noise std that
+        # gives a Gaussian mechanism with that multiplier.
+        sigma = float(result.noise_multiplier) * records_lib.record_sensitivity(num_microbatches)
         q = float(result.sampling_probability)
         source = "calibrated"
     if sigma > 0 and not math.isfinite(c):
@@ -345,7 +367,7 @@ def resolve_privacy_config(
         num_examples=n,
         epochs=e,
         target_epsilon=eps,
-        num_microbatches=None if num_microbatches is None else int(num_microbatches),
+        num_microbatches=num_microbatches,
         clipping=clipping,
         accountant_method=accountant_method,
         accountant_order=accountant_order,
@@ -354,3 +376,21 @@ def resolve_privacy_config(
         noise_seed=None if noise_seed is None else int(noise_seed),
         noise_multiplier_source=source,
     )
+
+
+def _check_microbatching(num_microbatches: Optional[int], clipping: str, expected_batch_size: Optional[float]) -> None:
+    """Keyed microbatch records need an expected batch size and a clipping
+    implementation that accumulates record gradients over chunks."""
+    if num_microbatches is None:
+        return
+    if expected_batch_size is None:
+        raise ValueError(
+            f"num_microbatches={num_microbatches} needs batch_size (the expected logical batch size, > 0): "
+            "a record's loss is its examples' loss sum over the expected group size batch_size / num_microbatches."
+        )
+    if clipping not in clipping_lib.keyed_record_impls():
+        raise ValueError(
+            f"num_microbatches={num_microbatches} with clipping={clipping!r}: keyed record groups are accumulated "
+            "over the physical chunks of a logical batch before they are clipped, which ghost norms cannot do; "
+            f"use clipping in {list(clipping_lib.keyed_record_impls())}, or num_microbatches=None."
+        )

@@ -157,7 +157,8 @@ class PrivacyBudget(keras.callbacks.Callback):
         target = self.target_epsilon if self.target_epsilon is not None else cfg.target_epsilon
         return dict(
             q=q,
-            sigma=cfg.noise_multiplier,
+            # The accountant's sigma (noise multiplier / record sensitivity).
+            sigma=cfg.accounted_noise_multiplier,
             delta=delta,
             method=self.method or cfg.accountant_method,
             order=self.order or cfg.accountant_order,
@@ -287,7 +288,8 @@ class PrivacyBudget(keras.callbacks.Callback):
             "epsilon_estimate": est,
             "certified": certified,
             "delta": p["delta"],
-            "noise_multiplier": p["sigma"],
+            "noise_multiplier": opt.privacy_config.noise_multiplier,
+            "accounted_noise_multiplier": p["sigma"],
             "sampling_probability": p["q"],
             "sampling": opt.privacy_config.sampling,
             "method": p["method"],

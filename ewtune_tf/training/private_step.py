@@ -14,15 +14,18 @@ One private step on a logical batch ``(x, y, sample_weight)``:
 1. The per-example loss is derived from the compiled loss with its reduction
    disabled (``ewtune_tf.training.per_example_loss``); sample weights scale
    it, weight-0 rows (padding) contribute exactly 0.
-2. Without ``physical_batch_size`` the whole batch is one chunk. With it, the
-   batch is padded to a multiple of ``physical_batch_size`` and processed
-   chunk by chunk in a ``tf.while_loop`` (static chunk shape, TPU-friendly);
-   trailing chunks holding only weight-0 rows are skipped (they contribute
-   exactly 0). Each chunk's clipped sum (from the clipping implementation in
-   ``ewtune_tf.mechanism.clipping``) is accumulated in float32.
+2. The rows' clipped sum is formed by ``ewtune_tf.training.clipped_sum``:
+   without ``physical_batch_size`` the whole batch is one chunk; with it, the
+   batch is processed in chunks of that many rows. Records are examples, or
+   keyed microbatch groups of the whole logical batch (``num_microbatches``
+   on the optimizer; the batch's sample-weight slot must then be a
+   ``KeyedSampleWeight(sample_weight, example_key)``, as
+   ``poisson_batches(..., example_keys=True)`` yields). A record whose
+   gradient is not finite contributes 0 and is counted in the optimizer's
+   ``dp_nonfinite_records`` (never logged); training goes on.
 3. Once per logical step, the optimizer adds Gaussian noise to the
-   accumulated sum, divides by the expected batch size, and applies the
-   update; its ``dp_steps`` counts logical steps (= noise releases).
+   accumulated sum, divides by the expected number of records, and applies
+   the update; its ``dp_steps`` counts logical steps (= noise releases).
 
 Distribution (``tf.distribute``): the step runs per replica on its shard;
 each replica adds noise std ``sigma*C/sqrt(R)`` to its local clipped sum
@@ -34,12 +37,19 @@ step even for non-private models (``_maybe_symbolic_build`` eagerly reduces a
 PerReplica batch); use a custom loop, ``strategy.run(model.train_step,
 args=(batch,))`` inside a ``tf.function``, after ``optimizer.build``.
 
-Mixed precision: the clipped sum and the noise are float32. Under
-``mixed_float16`` Keras wraps the optimizer in a LossScaleOptimizer; the
-private step uses the inner EWTune optimizer directly, i.e. without loss
-scaling (float16 per-example gradients may underflow; prefer
-``mixed_bfloat16``). Under ``jit_compile=True`` XLA drops in-graph asserts,
-so the budget and state checks also run on the host before each step.
+Keyed microbatch records need one replica: tf.distribute splits a batch
+into consecutive slices, so a group's members would be clipped per replica,
+and the slice an example lands in moves with the data.
+
+Mixed precision: the clipped sum, the noise and the update are float32
+whatever the compute dtype; ``mixed_bfloat16`` is supported. ``mixed_float16``
+is refused before the first step: float16 per-example gradients need loss
+scaling, and Keras's dynamic LossScaleOptimizer skips steps and changes its
+scale according to whether the (private, un-noised) gradients overflowed --
+a data-dependent output outside the mechanism. Use ``mixed_bfloat16`` (same
+exponent range as float32, no loss scaling) or float32. Under
+``jit_compile=True`` XLA drops in-graph asserts, so the budget and state
+checks also run on the host before each step.
 
 Training metrics (loss, compiled metrics) are computed on the private batch
 and are *not* covered by the DP guarantee; pass ``report_train_metrics=False``
@@ -54,9 +64,10 @@ import keras
 import tensorflow as tf
 
 from ewtune_tf.mechanism import clipping as clipping_lib
-from ewtune_tf.mechanism import per_example
+from ewtune_tf.mechanism import records as records_lib
 from ewtune_tf.optimizers import dp_optimizer
 from ewtune_tf.optimizers import privacy_config as privacy_config_lib
+from ewtune_tf.training import clipped_sum as clipped_sum_lib
 from ewtune_tf.training.per_example_loss import make_per_example_loss
 
 
@@ -66,12 +77,19 @@ class PrivateStepOptions:
 
     physical_batch_size: Optional[int] = None
     clipping: Optional[str] = None
-    num_microbatches: Optional[int] = None
     report_train_metrics: bool = True
 
 
+_FLOAT16_MESSAGE = (
+    "the float16 compute dtype (mixed_float16) is not supported by private training: float16 "
+    "per-example gradients need loss scaling, and Keras's dynamic loss scaling skips steps according "
+    "to whether the private, un-noised gradients overflowed. Use the 'mixed_bfloat16' policy (float32's "
+    "exponent range, no loss scaling) or float32."
+)
+
+
 def _check_layers(model) -> None:
-    for layer in model._flatten_layers(include_self=False):
+    for layer in model._flatten_layers(include_self=True):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
             raise ValueError(
                 f"model: layer {layer.name!r} is a trainable BatchNormalization. Batch "
@@ -79,6 +97,8 @@ def _check_layers(model) -> None:
                 "example's influence. Set layer.trainable = False (inference-mode "
                 "BN) or use LayerNormalization/GroupNormalization."
             )
+        if getattr(layer, "compute_dtype", None) == "float16":
+            raise ValueError(f"model: layer {layer.name!r} computes in float16; {_FLOAT16_MESSAGE}")
 
 
 def make_private(
@@ -86,7 +106,7 @@ def make_private(
     *,
     physical_batch_size: Optional[int] = None,
     clipping: Optional[str] = None,
-    num_microbatches: Optional[int] = None,
+    num_microbatches: None = None,
     report_train_metrics: bool = True,
 ) -> keras.Model:
     """Makes ``model.fit`` / ``train_on_batch`` take DP steps; returns model.
@@ -98,8 +118,8 @@ def make_private(
         rows (gradient accumulation; noise is added once per logical batch).
         None: one chunk. Must be >= 1.
       clipping: clipping implementation name (overrides the optimizer's).
-      num_microbatches: records per chunk (overrides the optimizer's); must
-        divide the chunk size.
+      num_microbatches: must be None. Microbatching changes the record and
+        its sensitivity, hence the accounting, so it is set on the optimizer.
       report_train_metrics: also update loss/metrics on the private batch.
     """
     if not isinstance(model, keras.Model):
@@ -110,21 +130,39 @@ def make_private(
         raise ValueError(f"physical_batch_size must be None or an integer >= 1; got {physical_batch_size!r}.")
     if clipping is not None:
         clipping_lib.get_clipping_impl(clipping)  # ValueError if unknown.
-    per_example.check_num_microbatches(num_microbatches, physical_batch_size)
+    if num_microbatches is not None:
+        raise ValueError(
+            f"num_microbatches={num_microbatches!r}: give it to the EWTune optimizer, not make_private; "
+            "keyed microbatch records have sensitivity 2C, which the optimizer's accounting must know."
+        )
     if not isinstance(report_train_metrics, bool):
         raise ValueError(f"report_train_metrics must be a bool; got {report_train_metrics!r}.")
     _check_layers(model)
     model._ewtune_private = PrivateStepOptions(
         physical_batch_size=physical_batch_size,
         clipping=clipping,
-        num_microbatches=num_microbatches,
         report_train_metrics=report_train_metrics,
     )
     model.train_step = types.MethodType(private_train_step, model)
     model.make_train_function = types.MethodType(_guarded_make_train_function, model)
+    model._symbolic_build = types.MethodType(_symbolic_build_without_keys, model)
     # Force a retrace with the private step if fit() already ran.
     model.train_function = None
     return model
+
+
+def _symbolic_build_without_keys(self, iterator=None, data_batch=None):
+    """Keras's ``_symbolic_build`` on the batch with plain sample weights.
+
+    Keras builds the compiled loss and metrics on a symbolic sample batch; a
+    ``KeyedSampleWeight`` there would be taken for a weight structure. The
+    keys are for the private step only.
+    """
+    if isinstance(data_batch, tuple) and len(data_batch) == 3:
+        x, y, sample_weight = data_batch
+        if isinstance(sample_weight, records_lib.KeyedSampleWeight):
+            data_batch = (x, y, sample_weight.sample_weight)
+    return type(self)._symbolic_build(self, iterator=iterator, data_batch=data_batch)
 
 
 def _guarded_make_train_function(self, force=False):
@@ -132,8 +170,9 @@ def _guarded_make_train_function(self, force=False):
 
     XLA compiles ``tf.debugging`` asserts away, so with ``jit_compile=True``
     the in-graph checks of the private step (restored state matches the
-    configuration, budget cap, finite gradients) do not run. The budget and
-    configuration checks are then done on the host before every step.
+    configuration, budget cap, the finite-sum bug guard) do not run. The
+    budget and configuration checks are then done on the host before every
+    step. (Non-finite records need no assert: they are masked in-graph.)
     """
     type(self).make_train_function(self, force=force)
     fn = self.train_function
@@ -163,6 +202,8 @@ def _first_leaf(x):
 
 
 def _resolve_optimizer(model):
+    if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(f"optimizer: a LossScaleOptimizer wraps the EWTune optimizer; {_FLOAT16_MESSAGE}")
     opt = dp_optimizer.unwrap_optimizer(model.optimizer)
     if not isinstance(opt, dp_optimizer.EWTuneOptimizerMixin):
         raise ValueError(
@@ -190,23 +231,80 @@ def private_train_step(self, data):
     opts: PrivateStepOptions = self._ewtune_private
     opt = _resolve_optimizer(self)
     cfg = opt.privacy_config
-    clipping = opts.clipping or cfg.clipping
-    nmb = opts.num_microbatches if opts.num_microbatches is not None else cfg.num_microbatches
-    l2_norm_clip = opt.current_l2_norm_clip()  # a tensor under adaptive clipping
-    adaptive = cfg.adaptive_clipping
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     variables = list(self.trainable_variables)
     if not variables:
         raise ValueError("model: no trainable variables; nothing to train privately.")
     if not opt.built:
         opt.build(variables)
-    # Group-wise clipping: resolved at trace time, when the variables are known
-    # (ValueError before the first update if a group is unusable).
-    groups = privacy_config_lib.resolve_clip_groups(cfg.clip_groups, [getattr(v, "path", v.name) for v in variables])
-    per_example_loss = make_per_example_loss(self)
+    _check_layers(self)
+    spec = clipped_sum_lib.ClipSpec(
+        clipping=opts.clipping or cfg.clipping,
+        l2_norm_clip=opt.current_l2_norm_clip(),  # a tensor under adaptive clipping
+        # Group-wise clipping: resolved at trace time, when the variables are
+        # known (ValueError before the first update if a group is unusable).
+        groups=privacy_config_lib.resolve_clip_groups(cfg.clip_groups, [getattr(v, "path", v.name) for v in variables]),
+        num_microbatches=cfg.num_microbatches,
+        expected_batch_size=cfg.expected_batch_size,
+    )
+    rows = _rows(x, y, sample_weight, cfg.num_microbatches)
+    result = clipped_sum_lib.logical_clipped_sum(
+        self,
+        spec,
+        _loss_fn_factory(self),
+        rows,
+        variables,
+        physical=opts.physical_batch_size,
+        report=opts.report_train_metrics,
+    )
+    opt.apply_private_gradients(
+        result.grad_sum,
+        variables,
+        physical_batch_size=opts.physical_batch_size or _first_leaf(x).shape[0],
+        centered_unclipped_count=result.centered_unclipped_count if cfg.adaptive_clipping else None,
+        num_nonfinite=result.num_nonfinite,
+    )
+    if opts.report_train_metrics:
+        return self.get_metrics_result()
+    return {}
+
+
+def _loss_fn_factory(model):
+    """``(rows, report) -> loss_fn`` for ``ewtune_tf.training.clipped_sum``."""
+    per_example_loss = make_per_example_loss(model)
+
+    def loss_fn_for(rows, report):
+        # Metrics are updated on the first forward pass only (a two-pass
+        # clipping implementation calls loss_fn twice).
+        pending = [report]
+
+        def loss_fn():
+            y_pred = model(rows.x, training=True) if model._call_has_training_arg else model(rows.x)
+            if model.losses:
+                raise ValueError(
+                    "model: the model has regularization/auxiliary losses "
+                    f"({len(model.losses)}); the private step clips only the compiled "
+                    "per-example loss. Remove layer regularizers (use AdamW weight "
+                    "decay instead)."
+                )
+            losses = per_example_loss(rows.y, y_pred, rows.sample_weight)
+            if pending[0]:
+                pending[0] = False
+                _update_metrics(model, rows.y, y_pred, losses, rows.sample_weight)
+            return losses
+
+        return loss_fn
+
+    return loss_fn_for
+
+
+def _rows(x, y, sample_weight, num_microbatches) -> clipped_sum_lib.Rows:
+    """The batch as ``Rows``: float32 [batch] weights, keyed record ids."""
+    keys = None
+    if isinstance(sample_weight, records_lib.KeyedSampleWeight):
+        sample_weight, keys = sample_weight
     leaf = _first_leaf(x)
-    static_b = leaf.shape[0]
-    if static_b is None and isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
+    if leaf.shape[0] is None and isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
         raise ValueError(
             "x: TPU training needs a static batch size; use "
             "ewtune_tf.data.poisson_batches(..., max_batch_size='auto') (padded Poisson "
@@ -219,134 +317,27 @@ def private_train_step(self, data):
         sample_weight = tf.cast(sample_weight, tf.float32)
         if sample_weight.shape.rank is not None and sample_weight.shape.rank > 1:
             sample_weight = tf.reshape(sample_weight, [batch])
-
-    def forward(xc, yc, wc, report):
-        # Metrics are updated on the first forward pass only (a two-pass
-        # clipping implementation calls loss_fn twice).
-        pending = [report]
-
-        def loss_fn():
-            y_pred = self(xc, training=True) if self._call_has_training_arg else self(xc)
-            if self.losses:
-                raise ValueError(
-                    "model: the model has regularization/auxiliary losses "
-                    f"({len(self.losses)}); the private step clips only the compiled "
-                    "per-example loss. Remove layer regularizers (use AdamW weight "
-                    "decay instead)."
-                )
-            losses = per_example_loss(yc, y_pred, wc)
-            if pending[0]:
-                pending[0] = False
-                _update_metrics(self, yc, y_pred, losses, wc)
-            return losses
-
-        return loss_fn
-
-    p = opts.physical_batch_size
-    if p is None:
-        per_example.check_num_microbatches(nmb, static_b)
-        result = clipping_lib.clipped_gradient_sum(
-            clipping,
-            self,
-            forward(x, y, sample_weight, opts.report_train_metrics),
-            variables,
-            l2_norm_clip,
-            nmb,
-            groups=groups,
-        )
-        grad_sum = result.grad_sum
-        count = _centered_unclipped_count(result.norms, sample_weight, nmb, l2_norm_clip) if adaptive else None
-        chunk_size = static_b
-    else:
-        per_example.check_num_microbatches(nmb, p)
-        grad_sum, count = _chunked_clipped_sum(
-            self,
-            forward,
-            x,
-            y,
-            sample_weight,
-            variables,
-            clipping,
-            l2_norm_clip,
-            nmb,
-            p,
-            opts.report_train_metrics,
-            groups,
-        )
-        count = count if adaptive else None
-        chunk_size = p
-    opt.apply_private_gradients(grad_sum, variables, physical_batch_size=chunk_size, centered_unclipped_count=count)
-    if opts.report_train_metrics:
-        return self.get_metrics_result()
-    return {}
+    return clipped_sum_lib.Rows(x, y, sample_weight, _group_ids(keys, batch, num_microbatches))
 
 
-def _centered_unclipped_count(norms, sample_weight, nmb, l2_norm_clip):
-    """sum over real records of (1[norm <= clip] - 1/2) (adaptive clipping).
-
-    A record is real if any of its examples has a nonzero weight; padding
-    records (norm 0) must not count as unclipped.
-    """
-    real = tf.reshape(sample_weight, [-1]) != 0.0
-    if nmb is not None:
-        real = tf.reduce_any(tf.reshape(real, [nmb, -1]), axis=1)
-    below = tf.cast(norms <= tf.cast(l2_norm_clip, tf.float32), tf.float32) - 0.5
-    return tf.reduce_sum(tf.where(real, below, tf.zeros_like(below)))
-
-
-def _pad_rows(t, pad):
-    if t is None:
+def _group_ids(keys, batch, num_microbatches):
+    """[batch] int32 keyed record of each row (None: per-example records)."""
+    if num_microbatches is None:
         return None
-    t = tf.convert_to_tensor(t)
-    paddings = [[0, pad]] + [[0, 0]] * (t.shape.rank - 1)
-    return tf.pad(t, paddings)
-
-
-def _chunked_clipped_sum(model, forward, x, y, w, variables, clipping, l2_norm_clip, nmb, p, report, groups=None):
-    """Accumulates clipped sums (and the adaptive-clipping count) over
-    physical chunks of ``p`` rows."""
-    batch = tf.shape(w)[0]
-    pad = (-batch) % p
-    xs = tf.nest.map_structure(lambda t: _pad_rows(t, pad), x)
-    ys = tf.nest.map_structure(lambda t: _pad_rows(t, pad), y)
-    ws = _pad_rows(w, pad)
-    # Trailing chunks with only weight-0 rows contribute exactly 0: skip them.
-    nonzero = tf.cast(tf.where(ws != 0.0)[:, 0], tf.int32)
-    last = tf.reduce_max(tf.concat([nonzero, tf.constant([-1], tf.int32)], 0))
-    num_chunks = (last + 1 + p - 1) // p
-
-    def chunk(t, i):
-        if t is None:
-            return None
-        rest = t.shape[1:]
-        r = tf.reshape(t, tf.concat([[-1, p], tf.shape(t)[1:]], 0))
-        c = tf.gather(r, i)
-        c.set_shape([p] + list(rest))
-        return c
-
-    zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
-
-    def body(i, acc, count):
-        xc = tf.nest.map_structure(lambda t: chunk(t, i), xs)
-        yc = tf.nest.map_structure(lambda t: chunk(t, i), ys)
-        wc = chunk(ws, i)
-        res = clipping_lib.clipped_gradient_sum(
-            clipping,
-            model,
-            forward(xc, yc, wc, report),
-            variables,
-            l2_norm_clip,
-            nmb,
-            groups=groups,
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1:
+        raise ValueError(
+            f"num_microbatches={num_microbatches} with {replicas} replicas: a keyed record would be "
+            "split over replicas by position in the batch; use one replica or per-example records."
         )
-        count = count + _centered_unclipped_count(res.norms, wc, nmb, l2_norm_clip)
-        return i + 1, [a + g for a, g in zip(acc, res.grad_sum)], count
-
-    # One chunk at a time: overlapping iterations (the default allows 10) gain
-    # nothing once each chunk's ops use every core, but hold several chunks'
-    # activations at once (+0.5 GB, peak 1.25x the non-private step's, for
-    # MiniLM full fine-tuning; benchmarks/train_step.py --workload main_job).
-    _, acc, count = tf.while_loop(
-        lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)), parallel_iterations=1
-    )
-    return list(acc), count
+    if num_microbatches == 1:
+        return tf.zeros([batch], tf.int32)  # one record: no key needed
+    if keys is None:
+        raise ValueError(
+            f"num_microbatches={num_microbatches} needs a per-example key to group examples into records "
+            "(groups of consecutive rows move when one example is added, so their sensitivity is not 2C): "
+            "feed batches (x, y, KeyedSampleWeight(sample_weight, example_key)), e.g. from "
+            "ewtune_tf.data.poisson_batches(..., example_keys=True), with each key fixed per example "
+            "independently of the other examples."
+        )
+    return records_lib.group_ids(tf.reshape(keys, [batch]), num_microbatches)

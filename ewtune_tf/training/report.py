@@ -1,7 +1,8 @@
 """A privacy report: what was trained, under which guarantee, and how much.
 
 ``privacy_report(optimizer_or_model, data=None)`` returns a JSON-serializable
-dict with the mechanism (C, sigma, microbatches, clipping implementation),
+dict with the mechanism (C, sigma, the record definition and its
+sensitivity, the accountant's sigma, clipping implementation),
 the sampling (q, expected batch, "poisson" or "shuffle" and, with a
 ``PoissonBatches``, its padding/overflow facts), the private step count, and
 epsilon at delta from the accountant: the certified upper bound
@@ -30,13 +31,7 @@ def privacy_report(optimizer_or_model, data=None, *, delta: Optional[float] = No
     report: Dict[str, Any] = {
         "guarantee": "example-level (add/remove one example) (epsilon, delta)-DP of all model "
         "updates, assuming Poisson sampling with probability q",
-        "mechanism": {
-            "l2_norm_clip": cfg.l2_norm_clip,
-            "noise_multiplier": cfg.noise_multiplier,
-            "noise_multiplier_source": cfg.noise_multiplier_source,
-            "num_microbatches": cfg.num_microbatches,
-            "clipping": cfg.clipping,
-        },
+        "mechanism": _mechanism(cfg),
         "sampling": {
             "mode": cfg.sampling,
             "sampling_probability": cfg.sampling_probability,
@@ -83,7 +78,7 @@ def privacy_report(optimizer_or_model, data=None, *, delta: Optional[float] = No
 
         res = accounting.compute_epsilon(
             sampling_probability=cfg.sampling_probability,
-            noise_multiplier=cfg.noise_multiplier,
+            noise_multiplier=cfg.accounted_noise_multiplier,
             steps=state["steps"],
             delta=delta,
             method=cfg.accountant_method,
@@ -97,3 +92,17 @@ def privacy_report(optimizer_or_model, data=None, *, delta: Optional[float] = No
         notes.append("sampling_probability or delta unknown: epsilon not computed.")
     report.update(epsilon=eps, epsilon_estimate=est, certified=certified, notes=notes)
     return report
+
+
+def _mechanism(cfg) -> Dict[str, Any]:
+    """The mechanism's facts; the accountant's sigma is noise_multiplier / sensitivity."""
+    return {
+        "l2_norm_clip": cfg.l2_norm_clip,
+        "noise_multiplier": cfg.noise_multiplier,
+        "noise_multiplier_source": cfg.noise_multiplier_source,
+        "record": cfg.record,  # "example" or "keyed_microbatch"
+        "sensitivity": cfg.sensitivity,  # in units of l2_norm_clip
+        "accounted_noise_multiplier": cfg.accounted_noise_multiplier,
+        "num_microbatches": cfg.num_microbatches,
+        "clipping": cfg.clipping,
+    }

@@ -182,7 +182,9 @@ PYTHON_ROWS = [
         lambda t: _opt(noise_multiplier=None, target_epsilon=1.0),
         r"target_delta.*num_examples",
     ),
-    ("opt_microbatches_zero", lambda t: _opt(num_microbatches=0), r"num_microbatches"),
+    ("opt_microbatches_zero", lambda t: _opt(num_microbatches=0), r"num_microbatches.*integer >= 1"),
+    ("opt_microbatches_without_batch_size", lambda t: _opt(num_microbatches=4, clipping="vectorized"), r"batch_size"),
+    ("opt_microbatches_with_ghost", lambda t: _opt(num_microbatches=4, batch_size=8.0), r"num_microbatches.*ghost"),
     ("opt_unknown_clipping", lambda t: _opt(clipping="bogus"), r"clipping.*one of"),
     ("opt_unknown_sampling", lambda t: _opt(sampling="uniform"), r"sampling must be one of"),
     ("opt_gradient_accumulation", lambda t: _opt(gradient_accumulation_steps=2), r"gradient_accumulation_steps"),
@@ -194,9 +196,9 @@ PYTHON_ROWS = [
         r"physical_batch_size.*>= 1",
     ),
     (
-        "private_microbatches_not_dividing",
+        "private_microbatches_not_on_the_optimizer",
         lambda t: __import__("ewtune_tf").make_private(_tiny_model(), physical_batch_size=8, num_microbatches=3),
-        r"num_microbatches.*divide",
+        r"num_microbatches=3: give it to the EWTune optimizer",
     ),
     ("private_loss_already_reduced", lambda t: _fit_one_step(loss=reduced_mse_loss), r"per-example losses"),
     ("private_trainable_batchnorm", lambda t: _fit_one_step(bn=True), r"BatchNormalization"),
@@ -251,13 +253,20 @@ def test_python_api_rejects(row_id, thunk, pattern, tmp_path):
             thunk(tmp_path)
 
 
-def test_non_finite_gradients_stop_the_step_before_any_update():
-    # Raised from inside the compiled step, so it is TF's InvalidArgumentError
-    # rather than a ValueError; _fit_one_step checks no weight changed.
-    import tensorflow as tf
+def test_non_finite_examples_are_dropped_not_an_abort():
+    # An abort at the step that sampled an example would reveal that it was
+    # sampled: non-finite records contribute 0 and are counted, unlogged
+    # (tests/training/test_nonfinite.py checks the other records are intact).
+    import keras
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Non-finite gradients"):
-        _fit_one_step(x=np.full((4, 3), np.nan, "float32"))
+    import ewtune_tf
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=_opt(batch_size=4.0), loss="mse")
+    ewtune_tf.make_private(model)
+    model.fit(np.full((4, 3), np.nan, "float32"), np.zeros((4, 1), "float32"), batch_size=4, verbose=0)
+    assert all(np.isfinite(w.numpy()).all() for w in model.trainable_weights)
+    assert int(model.optimizer.dp_nonfinite_records.numpy()) == 4
 
 
 def test_delta_at_least_one_over_n_is_warned():

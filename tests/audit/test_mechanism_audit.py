@@ -32,8 +32,9 @@ def test_correct_mechanism_clips_the_canary_to_exactly_c(mechanism_results):
 
 
 @pytest.mark.parametrize("kind", ["mechanism_results", "one_run_results"])
-def test_correct_mechanism_never_exceeds_its_certified_epsilon(kind, request):
-    r = request.getfixturevalue(kind)["correct"]
+@pytest.mark.parametrize("correct", ["correct", "microbatch"])
+def test_correct_mechanism_never_exceeds_its_certified_epsilon(kind, correct, request):
+    r = request.getfixturevalue(kind)[correct]
     assert r.certified_epsilon == pytest.approx(r.exact_epsilon, rel=2e-3)
     assert not r.violation
     assert 0.0 <= r.empirical_epsilon_lower < r.certified_epsilon
@@ -46,6 +47,29 @@ def test_broken_mechanisms_are_caught_far_above_the_claim(kind, broken, request)
     assert r.violation
     # "Far above": at least 1.5x the claim (about 3.5x for the many-run audit).
     assert r.empirical_epsilon_lower > 1.5 * r.certified_epsilon, r.to_dict()
+
+
+def test_keyed_microbatch_record_moves_by_2c_and_is_accounted_at_half_sigma(mechanism_results):
+    """The anchor makes the canary's record move from -C u to +C u: the audit
+    then beats the per-example claim (sigma, sensitivity C), which the library
+    reported for microbatching before, and stays below the claim at sigma / 2."""
+    r = mechanism_results["microbatch"]
+    assert r.details["clipped_canary_contribution"] == pytest.approx(2.0, rel=1e-5)
+    assert r.details["sensitivity"] == 2.0 and r.details["num_microbatches"] == audit.MICROBATCHES
+    assert r.certified_epsilon == pytest.approx(
+        audit.claimed_epsilon(noise_multiplier=SIGMA / 2, delta=DELTA).certified_epsilon
+    )
+    # At sigma = 1 (per-example claim 4.38, keyed claim at sigma / 2 about 10),
+    # 100k runs put the lower bound at 5.1-5.8 over repeated runs.
+    strong = audit.audit_mechanism("microbatch", noise_multiplier=1.0, delta=DELTA, trials=100_000, seed=3)
+    per_example_claim = audit.claimed_epsilon(noise_multiplier=1.0, delta=DELTA).certified_epsilon
+    assert per_example_claim < strong.empirical_epsilon_lower < strong.certified_epsilon
+
+
+@pytest.mark.parametrize("broken", ["no_noise", "no_clipping"])
+def test_broken_mechanisms_with_microbatches_are_caught(broken):
+    r = audit.audit_mechanism(broken, noise_multiplier=SIGMA, delta=DELTA, trials=6000, seed=3, num_microbatches=4)
+    assert r.violation and r.empirical_epsilon_lower > 1.5 * r.certified_epsilon, r.to_dict()
 
 
 def test_result_serializes():

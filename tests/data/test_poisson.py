@@ -1,15 +1,20 @@
 """Poisson-sampled logical batches."""
 
+import fractions
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from ewtune_tf.data import (
+    KeyedSampleWeight,
     auto_max_batch_size,
+    inclusion_mask,
     overflow_probability_bound,
     poisson_batches,
     shuffled_batches,
 )
+from ewtune_tf.data.poisson import below_thresholds, inclusion_thresholds
 
 pytestmark = pytest.mark.filterwarnings("ignore:poisson_batches\\(seed")
 
@@ -121,3 +126,80 @@ def test_steps_per_epoch_never_exceed_calibrated_steps():
             q, steps = steps_and_sampling_probability(n, b, epochs)
             assert epochs * steps_per_epoch(q) <= steps
             assert epochs * steps_per_epoch(q) >= epochs * math.floor(n / b)
+
+
+# --------------------------------------------------------------------------
+# Exactly q (issue 13, item 4)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [3e-7, 1e-6, 2048 / 67349, 1 / 3, 0.5, 1 - 2**-53, 2**-1000])
+def test_thresholds_are_the_exact_binary_expansion_of_q(q):
+    t = inclusion_thresholds(q)
+    assert all(0 <= w < 2**32 for w in t)
+    assert sum(fractions.Fraction(w, 2 ** (32 * (j + 1))) for j, w in enumerate(t)) == fractions.Fraction(q)
+
+
+def _words(value: int, n_words: int):
+    """The n_words 32-bit words of the binary fraction value / 2**(32 n_words)."""
+    return np.array([[(value >> (32 * (n_words - 1 - j))) & 0xFFFFFFFF] for j in range(n_words)], np.int64)
+
+
+def test_inclusion_at_q_3e7_is_exact_at_the_boundary():
+    """U < q exactly: U = q's expansion is out, one unit below is in. A float32
+    uniform compared with q (the old sampler) includes every U < 3 * 2**-23,
+    i.e. with probability 3.58e-7, 19 % above q."""
+    q = 3e-7
+    t = inclusion_thresholds(q)
+    assert len(t) == 3  # q's 53 significant bits end at 2**-74
+    exact = int(fractions.Fraction(q) * 2**96)
+    assert exact == (t[0] << 64) | (t[1] << 32) | t[2]
+    assert not below_thresholds(_words(exact, 3), t).numpy()[0]
+    assert below_thresholds(_words(exact - 1, 3), t).numpy()[0]
+    assert not below_thresholds(_words(exact + 1, 3), t).numpy()[0]
+    # Where the old sampler said "in" (U in [q, 3 * 2**-23)), the exact one says "out".
+    assert not below_thresholds(_words(3 * 2**73 - 1, 3), t).numpy()[0]
+    assert fractions.Fraction(int(np.ceil(np.float32(q) * 2**23)), 2**23) > fractions.Fraction(q) * fractions.Fraction(
+        119, 100
+    )
+
+
+@pytest.mark.parametrize("q", [0.3, 1e-3])
+def test_inclusion_mask_frequency(q):
+    n = 1_000_000
+    k = int(tf.reduce_sum(tf.cast(inclusion_mask(q, n, tf.constant([5, 6], tf.int64)), tf.int32)))
+    assert abs(k - q * n) < 5 * np.sqrt(n * q * (1 - q))
+
+
+def test_q_one_includes_everyone_and_tiny_q_runs():
+    assert bool(tf.reduce_all(inclusion_mask(1.0, 10, tf.constant([1, 2], tf.int64))))
+    pb = poisson_batches(_ds(), 3e-7, steps=3, seed=0)
+    assert [int(tf.size(y)) for _, y, _ in pb.dataset] == [0, 0, 0]
+
+
+# --------------------------------------------------------------------------
+# Example keys (issue 13, item 1)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_batch_size", [None, "auto"])
+def test_example_keys_are_fixed_per_example(max_batch_size):
+    pb = poisson_batches(_ds(), 0.3, steps=6, seed=2, example_keys=True, max_batch_size=max_batch_size)
+    assert pb.report()["example_keys"] is True
+    key_of = {}
+    for _ in range(2):
+        for _, y, sw in pb.dataset:
+            assert isinstance(sw, KeyedSampleWeight)
+            real = sw.sample_weight.numpy() > 0
+            for label, key in zip(y.numpy()[real], sw.example_key.numpy()[real]):
+                assert key_of.setdefault(int(label), int(key)) == int(key)
+    assert len(set(key_of.values())) == len(key_of)  # 62-bit random keys: no collision here
+    assert all(0 <= k < 2**62 for k in key_of.values())
+
+
+def test_example_keys_need_labels():
+    x = tf.data.Dataset.from_tensor_slices(np.zeros((5, 2), np.float32))
+    with pytest.raises(ValueError, match="example_keys=True needs"):
+        poisson_batches(x, 0.5, example_keys=True)
+    with pytest.raises(ValueError, match="example_keys must be True or False"):
+        poisson_batches(_ds(), 0.5, example_keys=1)

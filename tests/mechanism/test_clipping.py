@@ -8,6 +8,10 @@ import pytest
 import tensorflow as tf
 
 from ewtune_tf.mechanism import clipping, per_example
+from ewtune_tf.mechanism import records as records_lib
+
+# Keyed records of the 8 rows of _setup: keys mod 4 give groups 1, 2, 3, 0, 1, 2, 3, 0.
+KEYED = records_lib.microbatch_records(tf.constant([5, 6, 7, 8, 9, 10, 11, 12]), 4, expected_batch_size=8.0)
 
 
 def _setup(batch=8, seed=0):
@@ -27,16 +31,16 @@ def _setup(batch=8, seed=0):
 
 
 @pytest.mark.parametrize("impl", ["vectorized", "microbatch"])
-@pytest.mark.parametrize("nmb", [None, 4])
-def test_every_clipped_contribution_at_most_c(impl, nmb):
+@pytest.mark.parametrize("records", [None, KEYED])
+def test_every_clipped_contribution_at_most_c(impl, records):
     model, loss_fn = _setup()
     c = 0.05
-    grads = per_example.per_example_gradients(loss_fn, model.trainable_variables, nmb)
+    grads = per_example.per_example_gradients(loss_fn, model.trainable_variables, records)
     norms = clipping.global_norms(grads).numpy()
     factors = clipping.clip_factors(norms, c).numpy()
     assert np.all(norms * factors <= c * (1 + 1e-6))
-    res = clipping.clipped_gradient_sum(impl, model, loss_fn, model.trainable_variables, c, nmb)
-    n_rec = 8 if nmb is None else nmb
+    res = clipping.clipped_gradient_sum(impl, model, loss_fn, model.trainable_variables, c, records)
+    n_rec = 8 if records is None else 4
     assert int(res.num_records) == n_rec
     np.testing.assert_allclose(res.norms.numpy(), norms, rtol=1e-5)
     # The sum of n records each of norm <= C has norm <= n C.
@@ -82,7 +86,7 @@ def test_unknown_impl_fails_loudly():
 
 
 def test_registry_plugs_in_custom_impl():
-    def fake(model, fn, variables, c, nmb):
+    def fake(model, fn, variables, c):
         return clipping.ClippedGradients([tf.zeros(v.shape) for v in variables], tf.zeros([1]), tf.constant(1))
 
     clipping.register_clipping_impl("test_fake", fake)
@@ -126,15 +130,18 @@ def _group_reference(grads, assignment, shares, c):
     return out
 
 
-@pytest.mark.parametrize("impl", ["vectorized", "microbatch", "ghost", "ghost_two_pass"])
-@pytest.mark.parametrize("nmb", [None, 4])
-def test_group_clipping_matches_reference_and_bounds_each_record(impl, nmb):
+@pytest.mark.parametrize(
+    "impl, records",
+    [(i, None) for i in ("vectorized", "microbatch", "ghost", "ghost_two_pass")]
+    + [(i, KEYED) for i in ("vectorized", "microbatch")],
+)
+def test_group_clipping_matches_reference_and_bounds_each_record(impl, records):
     model, loss_fn = _setup()
     variables = model.trainable_variables  # [k0, b0, k1, b1]
     groups = clipping.ClipGroups(assignment=(0, 0, 1, 1), shares=(0.2, 0.8))
     c = 0.05
-    grads = per_example.per_example_gradients(loss_fn, variables, nmb)
-    res = clipping.clipped_gradient_sum(impl, model, loss_fn, variables, c, nmb, groups=groups)
+    grads = per_example.per_example_gradients(loss_fn, variables, records)
+    res = clipping.clipped_gradient_sum(impl, model, loss_fn, variables, c, records, groups=groups)
     ref = _group_reference(grads, groups.assignment, groups.shares, c)
     for a, b in zip(res.grad_sum, ref):
         np.testing.assert_allclose(a.numpy(), b, atol=1e-6, rtol=1e-4)
@@ -188,11 +195,9 @@ def test_impl_without_groups_support_is_refused_not_run_globally():
     model, loss_fn = _setup()
     calls = []
 
-    def legacy(model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches):
+    def legacy(model, per_example_loss_fn, variables, l2_norm_clip):
         calls.append(1)
-        return clipping.get_clipping_impl("vectorized")(
-            model, per_example_loss_fn, variables, l2_norm_clip, num_microbatches
-        )
+        return clipping.get_clipping_impl("vectorized")(model, per_example_loss_fn, variables, l2_norm_clip)
 
     clipping.register_clipping_impl("test_legacy", legacy)
     try:
@@ -202,3 +207,61 @@ def test_impl_without_groups_support_is_refused_not_run_globally():
         assert not calls
     finally:
         clipping._REGISTRY.pop("test_legacy", None)
+
+
+# --------------------------------------------------------------------------
+# Keyed records and non-finite records
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["ghost", "ghost_two_pass", "test_unknown"])
+def test_keyed_records_only_from_materializing_impls(impl):
+    model, loss_fn = _setup()
+    with pytest.raises(ValueError, match="cannot form keyed microbatch records"):
+        clipping.keyed_record_gradients(impl, model, loss_fn, model.trainable_variables, KEYED)
+    assert clipping.keyed_record_impls() == ("microbatch", "vectorized")
+
+
+def _poisoned(row=3):
+    """_setup's model and loss with one example whose input is NaN."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="relu"), keras.layers.Dense(2)])
+    x = np.random.RandomState(0).randn(6, 4).astype("float32")
+    x[row, 1] = np.nan
+    y = tf.constant([0, 1, 0, 1, 1, 0])
+
+    def loss_fn(keep=None):
+        xs = x if keep is None else x[keep]
+        ys = y if keep is None else tf.gather(y, keep)
+        return keras.losses.sparse_categorical_crossentropy(ys, model(xs, training=True), from_logits=True)
+
+    return model, loss_fn
+
+
+@pytest.mark.parametrize("impl", ["vectorized", "microbatch", "ghost", "ghost_two_pass"])
+def test_non_finite_record_is_dropped_not_propagated(impl):
+    """The poisoned record contributes exactly 0 and is counted; the sum stays
+    finite. Where rows are isolated (ghost book-keeping) every other record is
+    untouched; elsewhere the implementation says so, and the private step
+    re-runs the chunk row by row (tests/training/test_private_step.py)."""
+    model, loss_fn = _poisoned(row=3)
+    res = clipping.clipped_gradient_sum(impl, model, loss_fn, model.trainable_variables, 0.5)
+    assert int(res.num_nonfinite) >= 1 and np.isinf(res.norms.numpy()[3])
+    assert res.rows_isolated == (impl == "ghost")
+    if impl != "ghost_two_pass":  # its re-weighted backward pass mixes rows
+        assert all(np.isfinite(g.numpy()).all() for g in res.grad_sum)
+    if res.rows_isolated:
+        clean = clipping.clipped_gradient_sum(
+            "vectorized", model, lambda: loss_fn([0, 1, 2, 4, 5]), model.trainable_variables, 0.5
+        )
+        assert int(res.num_nonfinite) == 1
+        for a, b in zip(res.grad_sum, clean.grad_sum):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+
+def test_clip_and_sum_masks_nan_rows_with_where():
+    grads = [tf.constant([[1.0, 0.0], [np.nan, 1.0], [0.0, 3.0]])]
+    res = clipping.clip_and_sum(grads, 1.0)
+    np.testing.assert_allclose(res.grad_sum[0].numpy(), [1.0, 1.0])
+    assert int(res.num_nonfinite) == 1
+    np.testing.assert_array_equal(res.norms.numpy(), [1.0, np.inf, 3.0])

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from ewtune_tf.mechanism import per_example
+from ewtune_tf.mechanism import records as records_lib
 
 
 def _model_and_data(seed=0, batch=6):
@@ -38,25 +39,30 @@ def test_per_example_gradients_equal_loop():
             np.testing.assert_allclose(g[i].numpy(), r.numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_microbatch_gradients_are_group_means_of_example_gradients():
+def test_keyed_record_gradients_are_group_sums_over_expected_size():
     model, x, y = _model_and_data(batch=6)
     ex = per_example.per_example_gradients(lambda: _losses(model, x, y), model.trainable_variables)
-    mb = per_example.per_example_gradients(lambda: _losses(model, x, y), model.trainable_variables, num_microbatches=3)
+    keys = tf.constant([5, 0, 3, 8, 2, 11], tf.int64)  # mod 3: groups 2, 0, 0, 2, 2, 2
+    records = records_lib.microbatch_records(keys, 3, expected_batch_size=6.0)
+    mb = per_example.per_example_gradients(lambda: _losses(model, x, y), model.trainable_variables, records)
     for g_ex, g_mb in zip(ex, mb):
         assert g_mb.shape[0] == 3
-        ref = tf.reduce_mean(tf.reshape(g_ex, [3, 2] + g_ex.shape[1:].as_list()), axis=1)
-        np.testing.assert_allclose(g_mb.numpy(), ref.numpy(), atol=1e-5)
+        np.testing.assert_allclose(g_mb[0].numpy(), (g_ex[1] + g_ex[2]).numpy() / 2.0, atol=1e-5)
+        np.testing.assert_array_equal(g_mb[1].numpy(), np.zeros_like(g_mb[1].numpy()))  # empty group
+        np.testing.assert_allclose(g_mb[2].numpy(), tf.reduce_sum(tf.gather(g_ex, [0, 3, 4, 5]), 0) / 2.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 4, 2.0, True, "2"])
-def test_num_microbatches_must_divide_batch(bad):
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2"])
+def test_num_microbatches_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="num_microbatches"):
-        per_example.check_num_microbatches(bad, 6)
+        records_lib.check_num_microbatches(bad)
 
 
-def test_group_into_microbatches_rejects_non_divisor():
-    with pytest.raises(ValueError, match="num_microbatches=4"):
-        per_example.group_into_microbatches(tf.zeros([6]), 4)
+def test_record_sensitivity_and_accounted_noise():
+    assert records_lib.record_definition(None) == "example"
+    assert records_lib.record_definition(4) == "keyed_microbatch"
+    assert records_lib.accounted_noise_multiplier(2.0, None) == 2.0
+    assert records_lib.accounted_noise_multiplier(2.0, 4) == 1.0
 
 
 def test_unused_variable_gets_zero_gradient():

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from ewtune_tf.data import KeyedSampleWeight
 from ewtune_tf.mechanism import noise
 from ewtune_tf.optimizers import EWTuneSGD
 from ewtune_tf.training import make_private
@@ -20,8 +21,10 @@ def test_composed_noise_multiplier_equals_accounted_sigma():
         noise.adaptive_sum_noise_multiplier(1.0, 0.4)
 
 
-@pytest.mark.parametrize("physical", [None, 8])
-def test_clip_moves_towards_target_quantile(physical):
+@pytest.mark.parametrize("physical, keyed", [(None, False), (8, False), (8, True)])
+def test_clip_moves_towards_target_quantile(physical, keyed):
+    """Also on keyed microbatch records (8 groups spanning the 4 chunks): the
+    count query counts records, real when any member has a nonzero weight."""
     rs = np.random.RandomState(0)
     x, y = rs.randn(32, 4).astype("float32"), rs.randint(0, 3, 32)
     keras.utils.set_random_seed(0)
@@ -35,12 +38,14 @@ def test_clip_moves_towards_target_quantile(physical):
         target_unclipped_quantile=0.5,
         clip_learning_rate=0.5,
         clipped_count_stddev=1.0,
+        **(dict(num_microbatches=8, clipping="vectorized") if keyed else {}),
     )
     m.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     make_private(m, physical_batch_size=physical)
+    sw = KeyedSampleWeight(np.ones(32, np.float32), np.arange(32)) if keyed else None
     clips = []
     for _ in range(6):
-        m.train_on_batch(x, y)
+        m.train_on_batch(x, y, sample_weight=sw)
         clips.append(opt.privacy_state()["current_l2_norm_clip"])
     # Every record is far below a clip of 100: the clip must shrink (~exp(-0.25) per step).
     assert clips[-1] < 100.0 * math.exp(-0.2 * 6 * 0.5)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from ewtune_tf.data import KeyedSampleWeight
 from ewtune_tf.optimizers import EWTuneAdam, EWTuneSGD, NonPrivateStepError
 from ewtune_tf.training import make_private
 
@@ -35,6 +36,7 @@ def _functional(seed=0):
 
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SUM_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
 
 def _layer_pattern(model, i):
@@ -198,24 +200,29 @@ def test_padding_rows_do_not_change_the_update():
 
 
 def test_microbatch_semantics():
-    # 2 microbatches of 4: each record is the mean-gradient of its group,
-    # clipped as a whole; the sum is divided by expected_batch / group size.
+    # 2 keyed records over 8 rows (keys mod 2): each record's loss is its
+    # members' sum over the expected group size 8 / 2 = 4, its gradient is
+    # clipped as a whole, and the clipped sum is divided by 2 records.
     x, y = _data(8)
+    keys = np.array([3, 0, 5, 2, 2, 7, 1, 4])  # groups 1, 0, 1, 0, 0, 1, 1, 0
     c = 1e-3  # every record is clipped
     m = _sequential()
-    m.compile(EWTuneSGD(1.0, l2_norm_clip=c, noise_multiplier=0.0, batch_size=8, num_microbatches=2), LOSS)
+    m.compile(
+        EWTuneSGD(1.0, l2_norm_clip=c, noise_multiplier=0.0, batch_size=8, num_microbatches=2, clipping="vectorized"),
+        LOSS,
+    )
     make_private(m)
     before = _weights(m)
-    # Reference: gradients of the two group means, clipped, summed, / (8 / 4).
     ref_model = _sequential()
     recs = []
     for g in range(2):
+        rows = np.flatnonzero(keys % 2 == g)
         with tf.GradientTape() as tape:
-            loss = LOSS(y[4 * g : 4 * g + 4], ref_model(x[4 * g : 4 * g + 4]))  # group mean
+            loss = tf.reduce_sum(SUM_LOSS(y[rows], ref_model(x[rows]))) / 4.0
         grads = tape.gradient(loss, ref_model.trainable_weights)
         norm = math.sqrt(sum(float(tf.reduce_sum(t**2)) for t in grads))
         recs.append([t.numpy() * min(1.0, c / norm) for t in grads])
-    m.train_on_batch(x, y)
+    m.train_on_batch(x, y, sample_weight=KeyedSampleWeight(np.ones(8, np.float32), keys))
     for i, (b, a) in enumerate(zip(before, _weights(m))):
         expected = b - (recs[0][i] + recs[1][i]) / 2.0
         np.testing.assert_allclose(a, expected, atol=1e-7)
@@ -238,7 +245,7 @@ def test_bad_make_private_arguments():
         make_private(m, physical_batch_size=0)
     with pytest.raises(ValueError, match="Unknown clipping"):
         make_private(m, clipping="nope")
-    with pytest.raises(ValueError, match="num_microbatches=3"):
+    with pytest.raises(ValueError, match="num_microbatches=3: give it to the EWTune optimizer"):
         make_private(m, physical_batch_size=4, num_microbatches=3)
     with pytest.raises(ValueError, match="model must be a keras.Model"):
         make_private("model")
@@ -253,13 +260,19 @@ def test_trainable_batchnorm_rejected():
     make_private(m)
 
 
-def test_microbatches_must_divide_physical_batch_at_trace():
+def test_microbatches_without_keys_refused_before_any_update():
     x, y = _data(8)
     m = _sequential()
-    m.compile(EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8, num_microbatches=3), LOSS)
+    m.compile(
+        EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8, num_microbatches=3, clipping="microbatch"),
+        LOSS,
+    )
     make_private(m)
-    with pytest.raises(ValueError, match="num_microbatches=3"):
+    before = _weights(m)
+    with pytest.raises(ValueError, match="num_microbatches=3 needs a per-example key.*KeyedSampleWeight"):
         m.train_on_batch(x, y)
+    for a, b in zip(before, _weights(m)):
+        np.testing.assert_array_equal(a, b)
     assert int(m.optimizer.dp_steps.numpy()) == 0
 
 
@@ -329,17 +342,3 @@ def test_checkpoint_from_other_privacy_config_rejected(tmp_path):
         m2.fit(x, y, batch_size=8, epochs=1, verbose=0)
     for a, b in zip(before, _weights(m2)):
         np.testing.assert_array_equal(a, b)
-
-
-def test_non_finite_gradients_refused_before_update():
-    x, y = _data(8)
-    x[3, 0] = np.nan
-    m = _sequential()
-    m.compile(EWTuneSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8), LOSS)
-    make_private(m)
-    before = _weights(m)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="Non-finite gradients"):
-        m.train_on_batch(x, y)
-    for a, b in zip(before, _weights(m)):
-        np.testing.assert_array_equal(a, b)
-    assert int(m.optimizer.dp_steps.numpy()) == 0
