@@ -1,31 +1,44 @@
-"""Layers depend downward only.
+"""Layers depend downward only (docs/architecture.md draws this map).
 
-accounting -> mechanism -> optimizers/training/data -> audit -> nlp
--> export/tfx -> trainers. A module may import its own layer or any layer
-below it, never above: that keeps the privacy-critical core free of model,
-data and serving code, and the accountant free of TensorFlow.
+accounting/utils -> privacy -> mechanism -> optimizers/training/data -> audit
+-> nlp -> export -> recipe -> tfx -> trainers. A module may import its own
+layer or any layer below it, never above: that keeps the privacy-critical core
+free of model, data and serving code, and the accountant, the privacy plan and
+report, and the configs that TFX pipelines parse free of TensorFlow.
 """
 
 import ast
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Package -> layer rank. Equal ranks may import each other.
 LAYERS = {
     "ewtune_tf.accounting": 0,
-    "ewtune_tf.mechanism": 1,
-    "ewtune_tf.optimizers": 2,
-    "ewtune_tf.training": 2,
-    "ewtune_tf.data": 2,
-    "ewtune_tf.audit": 3,
-    "ewtune_tf.nlp": 4,
-    "ewtune_tf.export": 5,
-    "ewtune_tf.tfx": 6,
-    "trainers": 7,
+    "ewtune_tf.utils": 0,
+    "ewtune_tf.privacy": 1,
+    "ewtune_tf.mechanism": 2,
+    "ewtune_tf.optimizers": 3,
+    "ewtune_tf.training": 3,
+    "ewtune_tf.data": 3,
+    "ewtune_tf.audit": 4,
+    "ewtune_tf.nlp": 5,
+    "ewtune_tf.export": 6,
+    "ewtune_tf.recipe": 7,
+    "ewtune_tf.tfx": 8,
+    "trainers": 9,
 }
-# Modules that must not import TensorFlow or anything that pulls it in.
-NO_TENSORFLOW = ("ewtune_tf.accounting",)
+# Modules that must not import TensorFlow directly (tests/privacy/
+# test_import_hygiene.py checks that they do not pull it in either).
+NO_TENSORFLOW = (
+    "ewtune_tf.accounting",
+    "ewtune_tf.utils",
+    "ewtune_tf.privacy",
+    "ewtune_tf.recipe.config",
+    "ewtune_tf.tfx.config",
+    "ewtune_tf.tfx.gate",
+)
 TF_MODULES = ("tensorflow", "keras", "keras_hub", "keras_nlp", "tensorflow_privacy", "tfx")
 
 
@@ -96,3 +109,21 @@ def test_tensorflow_privacy_is_imported_in_one_place_only():
         if path != shim and any(i.split(".")[0] == "tensorflow_privacy" for i in _imports(path))
     ]
     assert not offenders, "import TF Privacy through ewtune_tf.mechanism.tf_privacy: " + ", ".join(offenders)
+
+
+def test_package_docstrings_state_their_layer():
+    """Each package's docstring names its layer, and names it right."""
+    wrong = []
+    for package, rank in LAYERS.items():
+        init = ROOT.joinpath(*package.split("."), "__init__.py")
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        stated = {int(n) for n in re.findall(r"\b[Ll]ayer (\d+)", doc)}
+        if stated != {rank}:
+            wrong.append(f"{package}: docstring states layer(s) {sorted(stated)}, tests/test_layering.py says {rank}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_docs_architecture_shows_this_layer_map():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    documented = {pkg: int(rank) for rank, pkg in re.findall(r"^\| (\d+) \| `([a-z_.]+)` \|", text, flags=re.M)}
+    assert documented == LAYERS

@@ -13,6 +13,10 @@ environment (.venv-tfx, Python 3.10, tfx 1.16.0):
     .venv-tfx/bin/python -m trainers.tfx_pipeline --glue_dir ../shared/data/glue \
         --sample_size 2000 --epsilon 8 --epsilon_budget 8 --serving_dir saved_models/sst2_tfx
 
+The Trainer's custom_config flags (--epsilon, --batch_size, --lora_rank, ...)
+are ewtune-train's: generated from ewtune_tf.recipe.FinetuneConfig, with its
+defaults (the main job's) except the demo's batch size (DEMO_SETTINGS).
+
 The last line printed is a JSON summary (pushed, push path, certified epsilon).
 """
 
@@ -147,7 +151,16 @@ def read_outcome(metadata_path: str) -> Dict[str, Any]:
     return out
 
 
+# The demo trains on a sample of SST-2 (2,000 examples by default), smaller
+# than the main job's expected batch of 2,048: its one departure from the
+# recipe's defaults (every other custom_config value is FinetuneConfig's).
+DEMO_SETTINGS = {"batch_size": 256}
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from ewtune_tf.recipe.config import FinetuneConfig, tfx_keys
+    from ewtune_tf.recipe.settings import add_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--glue_dir",
@@ -155,25 +168,11 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="GLUE-layout directory with SST-2/train.tsv",
     )
     p.add_argument("--sample_size", type=int, default=2000, help="SST-2 examples to use")
-    p.add_argument("--epsilon", type=float, default=8.0, help="target certified epsilon")
-    p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument(
         "--epsilon_budget",
         type=float,
         default=None,
         help="gate: push only if certified epsilon <= this (default: --epsilon)",
-    )
-    p.add_argument("--model", default="minilm", help="preset name, preset/HF dir, or 'minilm'")
-    p.add_argument("--sequence_length", type=int, default=64)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--physical_batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=5e-4)
-    p.add_argument("--l2_norm_clip", type=float, default=1.0)
-    p.add_argument("--lora_rank", type=int, default=0)
-    p.add_argument("--max_steps", type=int, default=None)
-    p.add_argument(
-        "--seed", type=int, default=None, help="fix sampling/noise/init RNGs (tests only; default: secret OS entropy)"
     )
     p.add_argument("--sample_seed", type=int, default=0, help="which SST-2 examples are sampled")
     p.add_argument("--pipeline_root", default=None, help="default: a new temporary directory")
@@ -189,29 +188,21 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="hand the Trainer module_file= instead of run_fn= (packages a wheel)",
     )
     p.add_argument("--enable_cache", action="store_true")
+    # The Trainer's custom_config: the recipe's TFX settings, as ewtune-train's flags.
+    settings = p.add_argument_group("Trainer custom_config (the recipe's settings)")
+    add_arguments(settings, FinetuneConfig, only=tfx_keys())
+    p.set_defaults(**DEMO_SETTINGS)
     return p.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    from ewtune_tf.recipe.config import tfx_keys
+
     args = _parse_args(argv)
     pipeline_root = args.pipeline_root or tempfile.mkdtemp(prefix="ewtune_tfx_")
     metadata_path = args.metadata_path or os.path.join(pipeline_root, "metadata.sqlite")
     data_dir = os.path.join(pipeline_root, "data")
-    custom_config = {
-        "epsilon": args.epsilon,
-        "delta": args.delta,
-        "model": args.model,
-        "sequence_length": args.sequence_length,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "physical_batch_size": args.physical_batch_size,
-        "learning_rate": args.learning_rate,
-        "l2_norm_clip": args.l2_norm_clip,
-        "lora_rank": args.lora_rank,
-        "max_steps": args.max_steps,
-        "seed": args.seed,
-        "model_name": os.path.basename(os.path.normpath(args.serving_dir)),
-    }
+    custom_config = {key: getattr(args, key) for key in tfx_keys()}
     write_sst2_sample_csv(args.glue_dir, data_dir, args.sample_size, seed=args.sample_seed)
     pipeline = create_pipeline(
         data_dir=data_dir,

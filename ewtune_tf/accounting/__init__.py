@@ -4,11 +4,14 @@ Public API:
   compute_epsilon, compute_delta        -> EpsilonResult / DeltaResult
   calibrate_noise_multiplier            -> CalibrationResult
   steps_and_sampling_probability        (num_examples, batch_size, epochs) -> (q, steps)
+  steps_for_epochs, steps_per_epoch     the one epochs -> steps rule (the sampler's)
   EdgeworthAccountant                   dp_accounting.PrivacyAccountant subclass
   ExpansionInvalidError                 raised by the plain Edgeworth solver
 
 Every epsilon reported with certify=True (the default) is a proven upper bound
 (dp_accounting's pessimistic PLD); estimates are labelled as such.
+
+Layer 0 (no TensorFlow): imports no other ewtune_tf package.
 """
 
 from ewtune_tf.accounting.accountant import EdgeworthAccountant
@@ -17,6 +20,8 @@ from ewtune_tf.accounting.calibration import (
     CalibrationResult,
     calibrate_noise_multiplier,
     steps_and_sampling_probability,
+    steps_for_epochs,
+    steps_per_epoch,
 )
 from ewtune_tf.accounting.edgeworth import ExpansionInvalidError
 from ewtune_tf.accounting.tilted import TiltedInvalidError
@@ -32,4 +37,6 @@ __all__ = [
     "compute_delta",
     "compute_epsilon",
     "steps_and_sampling_probability",
+    "steps_for_epochs",
+    "steps_per_epoch",
 ]

@@ -18,8 +18,8 @@ an approximation (certified=False).
 
 Dataset-size form: (num_examples N, batch_size B, epochs E) is converted by
 `steps_and_sampling_probability` to q = B / N (Poisson sampling with expected
-batch size B) and steps = ceil(E * N / B) (E passes over the data in
-expectation).
+batch size B) and steps = ceil(E * floor(N / B)) (`steps_for_epochs`: E passes
+of floor(1 / q) steps each, exactly what the Poisson sampler runs).
 """
 
 import dataclasses
@@ -82,22 +82,42 @@ class CalibrationResult:
         return d
 
 
+def steps_per_epoch(sampling_probability: float) -> int:
+    """Logical steps in one pass over the data at Poisson rate q: floor(1 / q), at least 1.
+
+    One pass is the floor so that a pass never draws more than N examples in
+    expectation (floor(1/q) * q <= 1). ``ewtune_tf.data.poisson_batches`` runs
+    exactly this many steps per pass, so epochs and accounting agree.
+    """
+    q = v.check_sampling_probability(sampling_probability)
+    return max(1, int(math.floor(1.0 / q + 1e-9)))  # 1e-9: 1/q of an exact N/B may round below it
+
+
+def steps_for_epochs(sampling_probability: float, epochs: float) -> int:
+    """The one rule that turns epochs into logical steps: ceil(epochs * floor(1 / q)).
+
+    Every entry point (optimizer calibration, PrivacyPlan, the trainer, TFX,
+    this package's CLI) counts steps with it, and the sampler runs them.
+    """
+    e = v.check_positive_real(epochs, "epochs")
+    return max(1, int(math.ceil(e * steps_per_epoch(sampling_probability) - 1e-9)))
+
+
 def steps_and_sampling_probability(num_examples: int, batch_size: int, epochs: float) -> Tuple[float, int]:
-    """(q, steps) = (B / N, ceil(epochs * N / B)) for Poisson sampling.
+    """(q, steps) = (B / N, steps_for_epochs(B / N, epochs)) for Poisson sampling.
 
     Args:
       num_examples: dataset size N >= 1.
       batch_size: expected batch size B, 1 <= B <= N.
-      epochs: passes over the data, > 0.
+      epochs: passes over the data, > 0 (each of floor(N / B) steps).
     """
     n = v.check_positive_int(num_examples, "num_examples")
     b = v.check_positive_int(batch_size, "batch_size")
-    e = v.check_positive_real(epochs, "epochs")
+    v.check_positive_real(epochs, "epochs")
     if b > n:
         raise ValueError(f"batch_size must be in [1, num_examples={n}]; got {b}.")
     q = b / n
-    steps = int(math.ceil(e * n / b - 1e-9))  # tolerate float noise in e*n/b
-    return q, max(steps, 1)
+    return q, steps_for_epochs(q, epochs)
 
 
 def _event(q: float, steps: int, log_sigma: float) -> dp_event.DpEvent:
@@ -181,14 +201,12 @@ def _paper_sigma(q: float, m: int, target_epsilon: float, target_delta: float):
     """EW-Tune's own grid search: an approximation, never certified."""
     sigma, eps, secs = paper_lib.paper_sigma(q, m, target_epsilon, target_delta)
     res = api.EpsilonResult(
-        epsilon=eps,
-        delta=target_delta,
+        eps,
+        target_delta,
         certified=False,
         method="paper_edgeworth_order1",
         estimate=eps,
         estimate_method="paper_edgeworth_order1",
-        bound=None,
-        bound_method=None,
         seconds=secs,
         flags=("paper_mode_approximation",),
     )

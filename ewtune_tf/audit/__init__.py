@@ -8,6 +8,8 @@ a lower bound far above the claim. See docs/privacy.md.
 
 ``bounds`` (pure numpy/scipy) is imported eagerly; the audits themselves need
 TensorFlow and are imported on first use.
+
+Layer 4: may import the privacy core (layers 0-3), nothing above it.
 """
 
 import importlib

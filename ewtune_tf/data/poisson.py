@@ -56,19 +56,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
+# The one epochs -> steps rule lives with the accountant; the sampler runs it.
+from ewtune_tf.accounting.calibration import steps_per_epoch
 from ewtune_tf.mechanism import records as records_lib
+from ewtune_tf.privacy import report as report_lib
 
 OVERFLOW_MODES = ("error", "truncate")
-
-
-def steps_per_epoch(sampling_probability: float) -> int:
-    """Logical steps per epoch: floor(1 / q), at least 1.
-
-    Rounding down keeps ``epochs * steps_per_epoch`` at or below the
-    accountant's ``ceil(epochs * N / B)`` steps that ``target_epsilon`` was
-    calibrated for, so fit(epochs=E) never needs more budget than planned.
-    """
-    return max(1, int(math.floor(1.0 / sampling_probability + 1e-9)))
 
 
 def auto_max_batch_size(
@@ -89,10 +82,7 @@ def overflow_probability_bound(
     num_examples: int, sampling_probability: float, total_steps: int, max_batch_size: int
 ) -> float:
     """Union bound on P[some step's Poisson batch exceeds max_batch_size]."""
-    from scipy import stats
-
-    p = float(stats.binom.sf(max_batch_size, num_examples, sampling_probability))
-    return min(1.0, p * max(1, int(total_steps)))
+    return report_lib.overflow_probability(num_examples, sampling_probability, total_steps, max_batch_size)
 
 
 def _materialize(dataset: tf.data.Dataset):
@@ -265,7 +255,8 @@ def poisson_batches(
       dataset: finite dataset of ``x``, ``(x, y)`` or ``(x, y, w)`` examples.
       sampling_probability: q in (0, 1]; or give ``expected_batch_size``
         (q = expected_batch_size / N).
-      steps: logical steps per pass (fit epoch); default floor(1 / q).
+      steps: logical steps per pass (fit epoch); default floor(1 / q)
+        (``ewtune_tf.accounting.steps_per_epoch``).
       epochs: planned passes (only used for the overflow bound; default 1).
       max_batch_size: None (variable-size batches, no padding), an int in
         [1, N], or "auto" (see module docstring).

@@ -3,6 +3,8 @@ privacy report as an asset). See ``ewtune_tf.export.saved_model``.
 
 Loaders must ``import tensorflow_text`` before ``tf.saved_model.load``: the
 in-graph KerasHub tokenizer uses TensorFlow Text ops.
+
+Layer 6: may import layers 0-5.
 """
 
 from ewtune_tf.export.saved_model import (

@@ -1,6 +1,7 @@
 """The DP mechanism: per-example clipping and Gaussian noise (TensorFlow).
 
-Layer 1: may import ``ewtune_tf.accounting``, nothing above it.
+Layer 2: may import ``ewtune_tf.accounting``, ``ewtune_tf.privacy`` and
+``ewtune_tf.utils``, nothing above them.
 
 Modules (import them directly; this package imports nothing eagerly, so that
 ``ewtune_tf.mechanism.ghost`` can register itself without import cycles):

@@ -1,6 +1,8 @@
-"""What one record is -- the unit whose gradient is clipped to C -- and its sensitivity.
+"""What one record is -- the unit whose gradient is clipped to C -- and how records are formed.
 
-The one place that defines records. Two definitions exist:
+The definitions and their sensitivities are the privacy plan's
+(``ewtune_tf.privacy.plan.RECORDS``, TensorFlow-free, so the accountant side
+reads them without TensorFlow); this module forms the records. Two exist:
 
 * ``"example"`` (``num_microbatches=None``): every example is a record.
   Adding or removing one example adds or removes one record whose clipped
@@ -37,7 +39,9 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-RECORD_DEFINITIONS = ("example", "keyed_microbatch")
+from ewtune_tf.privacy.plan import RECORDS
+
+RECORD_DEFINITIONS = tuple(RECORDS)  # ("example", "keyed_microbatch")
 
 
 def check_num_microbatches(num_microbatches) -> Optional[int]:
@@ -59,7 +63,7 @@ def record_definition(num_microbatches: Optional[int]) -> str:
 
 def record_sensitivity(num_microbatches: Optional[int]) -> float:
     """Add/remove sensitivity of the clipped sum, in units of C: 1 or 2."""
-    return 1.0 if num_microbatches is None else 2.0
+    return RECORDS[record_definition(num_microbatches)]
 
 
 def accounted_noise_multiplier(noise_multiplier: float, num_microbatches: Optional[int]) -> float:

@@ -10,12 +10,14 @@
   GLUE-layout directory or TFDS.
 
 Submodules are imported on demand so ``import ewtune_tf.nlp`` stays cheap.
+
+Layer 5: may import layers 0-4; the privacy core never imports it.
 """
 
-import importlib
-from typing import Any
+from ewtune_tf.utils.lazy import lazy_getattr
 
 _LAZY = {
+    "accuracy": "ewtune_tf.nlp.models",
     "build_classifier": "ewtune_tf.nlp.models",
     "checkpoint_pooling": "ewtune_tf.nlp.models",
     "BertMeanPoolingClassifier": "ewtune_tf.nlp.classifier",
@@ -37,8 +39,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ewtune_tf.nlp' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_getattr(__name__, _LAZY)

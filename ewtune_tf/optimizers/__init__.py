@@ -1,6 +1,7 @@
 """Differentially private Keras 3 optimizers (EW-Tune).
 
-Layer 3: imports ewtune_tf.mechanism (and lazily ewtune_tf.accounting).
+Layer 3: imports ewtune_tf.mechanism and ewtune_tf.privacy (and lazily
+ewtune_tf.accounting).
 """
 
 from ewtune_tf.optimizers.dp_optimizer import (

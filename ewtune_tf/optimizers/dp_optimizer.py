@@ -3,15 +3,17 @@
 ``make_ewtune_optimizer(keras.optimizers.X)`` builds ``EWTuneX``, a subclass
 of X that
 
-* takes X's usual hyperparameters plus the privacy arguments of
-  :func:`ewtune_tf.optimizers.privacy_config.resolve_privacy_config`
-  (``l2_norm_clip``; ``noise_multiplier`` or ``target_epsilon`` +
+* takes X's usual hyperparameters plus its privacy: a
+  :class:`ewtune_tf.privacy.PrivacyPlan` (``plan=``), or the plan's keyword
+  arguments (``l2_norm_clip``; ``noise_multiplier`` or ``target_epsilon`` +
   ``target_delta`` + ``num_examples`` + ``batch_size`` + ``epochs``;
-  ``sampling_probability``; ``num_microbatches``; ``clipping``;
-  ``accountant_method``/``accountant_order``/``certify``; ``sampling``;
-  ``noise_seed``; adaptive clipping with ``target_unclipped_quantile``,
-  ``clip_learning_rate``, ``clipped_count_stddev``; group-wise clipping
-  with ``clip_groups``);
+  ``sampling_probability``; ``accountant_method``/``accountant_order``/
+  ``certify``; ``sampling``; see ``ewtune_tf.privacy.plan_from_arguments``),
+  plus the mechanism options of
+  :class:`ewtune_tf.optimizers.privacy_config.PrivacyConfig`
+  (``num_microbatches``; ``clipping``; ``noise_seed``; adaptive clipping with
+  ``target_unclipped_quantile``, ``clip_learning_rate``,
+  ``clipped_count_stddev``; group-wise clipping with ``clip_groups``);
 * keeps the privacy state as non-trainable optimizer variables, so that it is
   saved with the optimizer in ``.keras`` files and ``tf.train.Checkpoint``:
   ``dp_steps`` (private steps taken: noise releases), ``dp_noise_multiplier``,
@@ -46,30 +48,8 @@ import numpy as np
 import tensorflow as tf
 
 from ewtune_tf.mechanism import noise as noise_lib
-from ewtune_tf.optimizers.privacy_config import PrivacyConfig, resolve_privacy_config
-
-_PRIVACY_KEYS = (
-    "l2_norm_clip",
-    "noise_multiplier",
-    "target_epsilon",
-    "target_delta",
-    "num_examples",
-    "batch_size",
-    "epochs",
-    "sampling_probability",
-    "num_microbatches",
-    "clipping",
-    "accountant_method",
-    "accountant_order",
-    "certify",
-    "sampling",
-    "noise_seed",
-    "noise_multiplier_source",
-    "target_unclipped_quantile",
-    "clip_learning_rate",
-    "clipped_count_stddev",
-    "clip_groups",
-)
+from ewtune_tf.optimizers.privacy_config import PRIVACY_ARGUMENTS, PrivacyConfig, resolve_privacy_config
+from ewtune_tf.privacy import PrivacyPlan
 
 
 class NonPrivateStepError(RuntimeError):
@@ -87,31 +67,7 @@ def _unknown(x: Optional[float]) -> float:
 class EWTuneOptimizerMixin:
     """Privacy behaviour shared by all EWTune optimizers (see module doc)."""
 
-    def __init__(
-        self,
-        *args,
-        l2_norm_clip,
-        noise_multiplier=None,
-        target_epsilon=None,
-        target_delta=None,
-        num_examples=None,
-        batch_size=None,
-        epochs=None,
-        sampling_probability=None,
-        num_microbatches=None,
-        clipping="ghost",
-        accountant_method="tilted",
-        accountant_order=2,
-        certify=True,
-        sampling="poisson",
-        noise_seed=None,
-        noise_multiplier_source=None,
-        target_unclipped_quantile=None,
-        clip_learning_rate=0.2,
-        clipped_count_stddev=None,
-        clip_groups=None,
-        **kwargs,
-    ):
+    def __init__(self, *args, plan: Optional[PrivacyPlan] = None, **kwargs):
         if kwargs.get("gradient_accumulation_steps"):
             raise ValueError(
                 "gradient_accumulation_steps is not supported by EWTune optimizers "
@@ -119,29 +75,9 @@ class EWTuneOptimizerMixin:
                 "make_private(model, physical_batch_size=...) to process a logical "
                 "batch in chunks with noise added once."
             )
+        privacy = {k: kwargs.pop(k) for k in PRIVACY_ARGUMENTS if k in kwargs}
         # Validate (and calibrate) before building anything.
-        config = resolve_privacy_config(
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            num_examples=num_examples,
-            batch_size=batch_size,
-            epochs=epochs,
-            sampling_probability=sampling_probability,
-            num_microbatches=num_microbatches,
-            clipping=clipping,
-            accountant_method=accountant_method,
-            accountant_order=accountant_order,
-            certify=certify,
-            sampling=sampling,
-            noise_seed=noise_seed,
-            noise_multiplier_source=noise_multiplier_source,
-            target_unclipped_quantile=target_unclipped_quantile,
-            clip_learning_rate=clip_learning_rate,
-            clipped_count_stddev=clipped_count_stddev,
-            clip_groups=clip_groups,
-        )
+        config = resolve_privacy_config(plan, **privacy)
         super().__init__(*args, **kwargs)
         self._privacy = config
         self._ewtune_in_private_update = False
@@ -149,7 +85,6 @@ class EWTuneOptimizerMixin:
 
     # ----------------------------------------------------------------- state
     def _create_privacy_variables(self) -> None:
-        cfg = self._privacy
 
         def var(name, value, dtype, aggregation="only_first_replica"):
             # A numpy initializer keeps float64 values exact (Constant would
@@ -166,30 +101,31 @@ class EWTuneOptimizerMixin:
             )
 
         self.dp_steps = var("dp_steps", 0, "int64")
-        self.dp_noise_multiplier = var("dp_noise_multiplier", cfg.noise_multiplier, "float64")
-        self.dp_sampling_probability = var("dp_sampling_probability", _unknown(cfg.sampling_probability), "float64")
-        self.dp_delta = var("dp_delta", _unknown(cfg.delta), "float64")
-        clip = cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0
-        self.dp_l2_norm_clip = var("dp_l2_norm_clip", clip, "float64")
+        expected = self._expected_state()
+        for name in ("dp_noise_multiplier", "dp_sampling_probability", "dp_delta", "dp_l2_norm_clip"):
+            setattr(self, name, var(name, expected[name], "float64"))
         self.dp_max_steps = var("dp_max_steps", -1, "int64")
         self.dp_epsilon = var("dp_epsilon", -1.0, "float64")
         self.dp_epsilon_estimate = var("dp_epsilon_estimate", -1.0, "float64")
         # Current clip of adaptive clipping (= l2_norm_clip when fixed).
-        self.dp_adaptive_clip = var(
-            "dp_adaptive_clip", cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0, "float32"
-        )
-        self.dp_record_sensitivity = var("dp_record_sensitivity", cfg.sensitivity, "float64")
+        self.dp_adaptive_clip = var("dp_adaptive_clip", expected["dp_l2_norm_clip"], "float32")
+        self.dp_record_sensitivity = var("dp_record_sensitivity", expected["dp_record_sensitivity"], "float64")
         self.dp_nonfinite_records = var("dp_nonfinite_records", 0, "int64")
 
     def current_l2_norm_clip(self):
         """The clip to use now: a float (fixed) or a float32 tensor (adaptive)."""
         if self._privacy.adaptive_clipping:
             return tf.convert_to_tensor(self.dp_adaptive_clip)
-        return self._privacy.l2_norm_clip
+        return self._privacy.plan.l2_norm_clip
 
     @property
     def privacy_config(self) -> PrivacyConfig:
         return self._privacy
+
+    @property
+    def privacy_plan(self) -> PrivacyPlan:
+        """The plan this optimizer runs (``privacy_config.plan``)."""
+        return self._privacy.plan
 
     def privacy_state(self) -> Dict[str, float]:
         """Current privacy state as Python numbers (eager only)."""
@@ -202,7 +138,7 @@ class EWTuneOptimizerMixin:
             "max_steps": int(self.dp_max_steps.numpy()),
             "epsilon": float(self.dp_epsilon.numpy()),
             "epsilon_estimate": float(self.dp_epsilon_estimate.numpy()),
-            "sampling": self._privacy.sampling,
+            "sampling": self._privacy.plan.sampling,
             "current_l2_norm_clip": float(self.dp_adaptive_clip.numpy()),
         }
 
@@ -224,13 +160,13 @@ class EWTuneOptimizerMixin:
 
     def _expected_state(self) -> Dict[str, float]:
         """The checkpointed privacy variables that must equal the configuration."""
-        cfg = self._privacy
+        plan = self._privacy.plan
         return {
-            "dp_noise_multiplier": cfg.noise_multiplier,
-            "dp_sampling_probability": _unknown(cfg.sampling_probability),
-            "dp_delta": _unknown(cfg.delta),
-            "dp_l2_norm_clip": cfg.l2_norm_clip if math.isfinite(cfg.l2_norm_clip) else -2.0,
-            "dp_record_sensitivity": cfg.sensitivity,
+            "dp_noise_multiplier": plan.noise_multiplier,
+            "dp_sampling_probability": _unknown(plan.sampling_probability),
+            "dp_delta": _unknown(plan.delta),
+            "dp_l2_norm_clip": plan.l2_norm_clip if math.isfinite(plan.l2_norm_clip) else -2.0,
+            "dp_record_sensitivity": plan.sensitivity,
         }
 
     def check_budget(self, upcoming_steps: int = 1) -> None:
@@ -305,7 +241,7 @@ class EWTuneOptimizerMixin:
         cfg = self._privacy
         if cfg.num_microbatches is not None:
             return float(cfg.num_microbatches)
-        b = cfg.expected_batch_size
+        b = cfg.plan.expected_batch_size
         if b is None:
             if physical_batch_size is None:
                 raise ValueError(
@@ -393,8 +329,8 @@ class EWTuneOptimizerMixin:
         if not cfg.adaptive_clipping:
             noised = noise_lib.add_gaussian_noise(
                 clipped_sum,
-                l2_norm_clip=cfg.l2_norm_clip,
-                noise_multiplier=cfg.noise_multiplier,
+                l2_norm_clip=cfg.plan.l2_norm_clip,
+                noise_multiplier=cfg.plan.noise_multiplier,
                 seed=seed,
                 num_replicas=num_replicas,
             )
@@ -405,7 +341,7 @@ class EWTuneOptimizerMixin:
             clipped_sum,
             centered_unclipped_count,
             l2_norm_clip=self.current_l2_norm_clip(),
-            noise_multiplier=cfg.noise_multiplier,
+            noise_multiplier=cfg.plan.noise_multiplier,
             clipped_count_stddev=cfg.clipped_count_stddev,
             target_unclipped_quantile=cfg.target_unclipped_quantile,
             learning_rate=cfg.clip_learning_rate,
@@ -416,29 +352,7 @@ class EWTuneOptimizerMixin:
     # -------------------------------------------------------- serialization
     def get_config(self):
         config = super().get_config()
-        cfg = self._privacy
-        config.update(
-            l2_norm_clip=cfg.l2_norm_clip,
-            noise_multiplier=cfg.noise_multiplier,
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.delta,
-            num_examples=cfg.num_examples,
-            batch_size=cfg.expected_batch_size,
-            epochs=cfg.epochs,
-            sampling_probability=cfg.sampling_probability,
-            num_microbatches=cfg.num_microbatches,
-            clipping=cfg.clipping,
-            accountant_method=cfg.accountant_method,
-            accountant_order=cfg.accountant_order,
-            certify=cfg.certify,
-            sampling=cfg.sampling,
-            noise_seed=cfg.noise_seed,
-            noise_multiplier_source=cfg.noise_multiplier_source,
-            target_unclipped_quantile=cfg.target_unclipped_quantile,
-            clip_learning_rate=cfg.clip_learning_rate,
-            clipped_count_stddev=cfg.clipped_count_stddev,
-            clip_groups=None if cfg.clip_groups is None else [list(g) for g in cfg.clip_groups],
-        )
+        config.update(self._privacy.to_arguments())
         return config
 
 

@@ -1,16 +1,20 @@
-"""Validated privacy hyperparameters of an EWTune optimizer.
+"""An EWTune optimizer's privacy: the PrivacyPlan it runs, and how the mechanism runs it.
 
-One immutable record of everything that determines the mechanism and its
-accounting: the clip norm C, the noise multiplier sigma (given, or calibrated
-from a target epsilon by the Edgeworth accountant), the sampling probability
-q, delta, the expected logical batch size, microbatching, the clipping
-implementation and the accountant options. Every bad value raises ValueError
-naming the parameter and its allowed range, before anything is built.
+:class:`PrivacyConfig` is one immutable record: the optimizer's
+:class:`ewtune_tf.privacy.PrivacyPlan` (C, sigma given or calibrated, q,
+delta, planned steps, the record and its sensitivity, the accountant,
+sampling) plus the mechanism options that do not change the accounting: the
+clipping implementation, keyed microbatching (which sets the plan's record),
+a test-only noise seed, adaptive and group-wise clipping. An optimizer takes
+a plan (``plan=``) or the plan's keyword arguments
+(``ewtune_tf.privacy.PLAN_ARGUMENTS``), plus the mechanism options
+(:data:`MECHANISM_ARGUMENTS`): the argument list exists once, in those two
+signatures. Every bad value raises ValueError naming the parameter and its
+allowed range, before anything is built.
 """
 
 import dataclasses
 import math
-import numbers
 import re
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -18,61 +22,26 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from ewtune_tf.mechanism import clipping as clipping_lib
 from ewtune_tf.mechanism import noise as noise_lib
 from ewtune_tf.mechanism import records as records_lib
-
-SAMPLING_MODES = ("poisson", "shuffle")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _check_positive_int(name: str, value, *, upper: Optional[int] = None) -> int:
-    if not _is_int(value) or value < 1 or (upper is not None and value > upper):
-        rng = f"[1, {upper}]" if upper is not None else ">= 1"
-        raise ValueError(f"{name} must be an integer {rng}; got {value!r}.")
-    return int(value)
-
-
-def _check_float(name: str, value, lo: float, hi: float, *, lo_open=True, hi_open=True) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok or isinstance(value, bool):
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {lb}{lo}, {hi}{rb}; got {value!r}.")
-    return v
+from ewtune_tf.privacy import PLAN_ARGUMENTS, PrivacyPlan, plan_from_arguments, plan_to_arguments
+from ewtune_tf.utils import checks
 
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyConfig:
-    """Resolved privacy configuration (see module docstring).
+    """Resolved privacy configuration of an EWTune optimizer (see module docstring).
 
     Attributes:
-      l2_norm_clip: C, per-record global L2 clip norm, in (0, inf].
-      noise_multiplier: sigma; noise std on the clipped sum is sigma * C.
-        The accountant sees ``accounted_noise_multiplier`` = sigma / the
-        record's sensitivity (see ``record`` and ``sensitivity``).
-      sampling_probability: q in (0, 1], or None when unknown (then epsilon
-        cannot be computed and PrivacyBudget refuses to run).
-      delta: target delta in (0, 1), or None.
-      expected_batch_size: expected examples per logical step (q * N); the
-        noised sum is divided by it. None: the static physical batch size is
-        used at trace time.
-      num_examples, epochs, target_epsilon: as given (None if not).
+      plan: the PrivacyPlan (every accounting fact: C, sigma, q, delta,
+        expected batch size, steps, record, accountant, sampling).
       num_microbatches: None (per-example records, sensitivity C) or M, the
         number of keyed record groups per logical batch (sensitivity 2C; see
-        ``ewtune_tf.mechanism.records``).
+        ``ewtune_tf.mechanism.records``). Sets ``plan.record``.
       clipping: clipping implementation name.
-      accountant_method, accountant_order, certify: accountant options.
-      sampling: "poisson" (what the accountant assumes) or "shuffle".
-      noise_seed: None (secure OS entropy) or a fixed int (tests only).
-      noise_multiplier_source: "given" or "calibrated".
+      noise_seed: None (secure OS entropy) or a fixed int (tests only; the
+        report is then not certified).
       target_unclipped_quantile: None (fixed clip) or, for adaptive clipping
         (Andrew et al. 2021), the target fraction of unclipped records in
-        (0, 1); l2_norm_clip is then the initial clip.
+        (0, 1); ``plan.l2_norm_clip`` is then the initial clip.
       clip_learning_rate: geometric learning rate of the adaptive clip (> 0).
       clipped_count_stddev: noise std of the adaptive clipping count, in
         records (> noise_multiplier / 2); default expected_batch_size / 20.
@@ -86,22 +55,10 @@ class PrivacyConfig:
         ``ewtune_tf.mechanism.clipping``).
     """
 
-    l2_norm_clip: float
-    noise_multiplier: float
-    sampling_probability: Optional[float] = None
-    delta: Optional[float] = None
-    expected_batch_size: Optional[float] = None
-    num_examples: Optional[int] = None
-    epochs: Optional[float] = None
-    target_epsilon: Optional[float] = None
+    plan: PrivacyPlan
     num_microbatches: Optional[int] = None
     clipping: str = "ghost"
-    accountant_method: str = "tilted"
-    accountant_order: int = 2
-    certify: bool = True
-    sampling: str = "poisson"
     noise_seed: Optional[int] = None
-    noise_multiplier_source: str = "given"
     target_unclipped_quantile: Optional[float] = None
     clip_learning_rate: float = 0.2
     clipped_count_stddev: Optional[float] = None
@@ -111,23 +68,25 @@ class PrivacyConfig:
     def adaptive_clipping(self) -> bool:
         return self.target_unclipped_quantile is not None
 
-    @property
-    def record(self) -> str:
-        """The record clipped to C: "example" or "keyed_microbatch"."""
-        return records_lib.record_definition(self.num_microbatches)
-
-    @property
-    def sensitivity(self) -> float:
-        """Add/remove sensitivity of the clipped sum, in units of C (1 or 2)."""
-        return records_lib.record_sensitivity(self.num_microbatches)
-
-    @property
-    def accounted_noise_multiplier(self) -> float:
-        """The accountant's sigma: noise_multiplier / sensitivity."""
-        return records_lib.accounted_noise_multiplier(self.noise_multiplier, self.num_microbatches)
+    def to_arguments(self) -> Dict[str, Any]:
+        """The optimizer keyword arguments that rebuild this config without recalibrating."""
+        out = plan_to_arguments(self.plan)
+        for name in MECHANISM_ARGUMENTS:
+            out[name] = getattr(self, name)
+        if self.clip_groups is not None:
+            out["clip_groups"] = [list(g) for g in self.clip_groups]
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["plan"] = self.plan.to_dict()
+        return d
+
+
+# The mechanism options, read off the dataclass (``plan`` aside).
+MECHANISM_ARGUMENTS = tuple(f.name for f in dataclasses.fields(PrivacyConfig) if f.name != "plan")
+# Every privacy keyword argument of an EWTune optimizer.
+PRIVACY_ARGUMENTS = PLAN_ARGUMENTS + MECHANISM_ARGUMENTS
 
 
 def check_clip_group_spec(clip_groups) -> Optional[Tuple[Tuple[str, float], ...]]:
@@ -152,7 +111,7 @@ def check_clip_group_spec(clip_groups) -> Optional[Tuple[Tuple[str, float], ...]
             re.compile(pattern)
         except re.error as e:
             raise ValueError(f"clip_groups: pattern {pattern!r} is not a valid regular expression ({e}).") from None
-        share = _check_float("clip_groups share", share, 0.0, 1.0, hi_open=False)
+        share = checks.check_real("clip_groups share", share, 0.0, 1.0, high_open=False)
         out.append((pattern, share))
     total = sum(s for _, s in out)
     if total > 1.0 + 1e-9:
@@ -204,193 +163,111 @@ def resolve_clip_groups(
     return clipping_lib.ClipGroups(tuple(assignment), tuple(s / total for s in shares))
 
 
-def resolve_privacy_config(
-    *,
-    l2_norm_clip,
-    noise_multiplier=None,
-    target_epsilon=None,
-    target_delta=None,
-    num_examples=None,
-    batch_size=None,
-    epochs=None,
-    sampling_probability=None,
-    num_microbatches=None,
-    clipping="ghost",
-    accountant_method="tilted",
-    accountant_order=2,
-    certify=True,
-    sampling="poisson",
-    noise_seed=None,
-    noise_multiplier_source=None,
-    target_unclipped_quantile=None,
-    clip_learning_rate=0.2,
-    clipped_count_stddev=None,
+def resolve_privacy_config(plan: Optional[PrivacyPlan] = None, **arguments) -> PrivacyConfig:
+    """Validates an optimizer's privacy arguments and calibrates sigma.
+
+    ``plan``: a ready PrivacyPlan; otherwise the plan's keyword arguments
+    (``PLAN_ARGUMENTS``: ``l2_norm_clip``, and ``noise_multiplier`` or
+    ``target_epsilon`` with ``target_delta``, ``num_examples``,
+    ``batch_size``, ``epochs``; ...) build it. The other arguments are the
+    mechanism options (``MECHANISM_ARGUMENTS``).
+    """
+    unknown = sorted(set(arguments) - set(PRIVACY_ARGUMENTS))
+    if unknown:
+        raise ValueError(f"unknown privacy argument(s) {unknown}; allowed: {sorted(PRIVACY_ARGUMENTS)}.")
+    mechanism = {k: arguments.pop(k) for k in MECHANISM_ARGUMENTS if k in arguments}
+    m = records_lib.check_num_microbatches(mechanism.get("num_microbatches"))
+    record = records_lib.record_definition(m)
+    _check_keyed_clipping(m, mechanism.get("clipping", "ghost"))  # Before any (slow) calibration.
+    if plan is None:
+        if "l2_norm_clip" not in arguments:
+            raise ValueError("l2_norm_clip (the per-record clip norm C, > 0) is required.")
+        plan = plan_from_arguments(**{"record": record, **arguments})
+    elif arguments:
+        raise ValueError(f"give a plan or its arguments, not both; got plan= and {sorted(arguments)}.")
+    elif not isinstance(plan, PrivacyPlan):
+        raise ValueError(f"plan must be an ewtune_tf.privacy.PrivacyPlan; got {type(plan).__name__}.")
+    if plan.record != record:
+        raise ValueError(
+            f"num_microbatches={m!r} forms {record!r} records but the plan accounts for {plan.record!r} records; "
+            "the record sets the sensitivity, so they must agree."
+        )
+    return _mechanism_config(plan, m, **{k: v for k, v in mechanism.items() if k != "num_microbatches"})
+
+
+def _mechanism_config(
+    plan: PrivacyPlan,
+    num_microbatches: Optional[int],
+    clipping: str = "ghost",
+    noise_seed: Optional[int] = None,
+    target_unclipped_quantile: Optional[float] = None,
+    clip_learning_rate: float = 0.2,
+    clipped_count_stddev: Optional[float] = None,
     clip_groups=None,
 ) -> PrivacyConfig:
-    """Validates the optimizer's privacy arguments and calibrates sigma.
-
-    Exactly one of ``noise_multiplier`` or ``target_epsilon`` must be given
-    (``noise_multiplier_source="calibrated"`` marks a sigma that was
-    calibrated earlier and is being restored from a config: it is reused, not
-    recalibrated).
-    """
-    c = clipping_lib.check_l2_norm_clip(l2_norm_clip)
-    num_microbatches = records_lib.check_num_microbatches(num_microbatches)
+    """Validates the mechanism options for ``plan``."""
     if not isinstance(clipping, str) or clipping not in clipping_lib.available_clipping_impls():
         raise ValueError(f"clipping must be one of {clipping_lib.available_clipping_impls()}; got {clipping!r}.")
-    if sampling not in SAMPLING_MODES:
-        raise ValueError(f"sampling must be one of {SAMPLING_MODES}; got {sampling!r}.")
-    if not isinstance(certify, bool):
-        raise ValueError(f"certify must be True or False; got {certify!r}.")
-    if noise_seed is not None and not _is_int(noise_seed):
-        raise ValueError(f"noise_seed must be None or an integer; got {noise_seed!r}.")
-    if noise_multiplier_source not in (None, "given", "calibrated"):
-        raise ValueError(
-            f"noise_multiplier_source must be None, 'given' or 'calibrated'; got {noise_multiplier_source!r}."
-        )
-
-    n = _check_positive_int("num_examples", num_examples) if num_examples is not None else None
-    if batch_size is not None:
-        b = _check_float("batch_size", batch_size, 0.0, float(n) if n else math.inf, lo_open=True, hi_open=n is None)
-    else:
-        b = None
-    e = _check_float("epochs", epochs, 0.0, math.inf) if epochs is not None else None
-    d = _check_float("target_delta", target_delta, 0.0, 1.0) if target_delta is not None else None
-    if d is not None and n is not None and d >= 1.0 / n:
-        warnings.warn(
-            f"target_delta={d} >= 1/num_examples={1.0 / n:.3g}: such a delta allows "
-            "releasing individual records; choose delta << 1/num_examples.",
-            stacklevel=3,
-        )
-    q = None
-    if sampling_probability is not None:
-        q = _check_float("sampling_probability", sampling_probability, 0.0, 1.0, hi_open=False)
-    elif n is not None and b is not None:
-        q = b / n
-    if q is not None and n is not None and b is None:
-        b = q * n
-    _check_microbatching(num_microbatches, clipping, b)
-
-    calibrated = noise_multiplier_source == "calibrated"
-    if target_epsilon is not None and noise_multiplier is not None and not calibrated:
-        raise ValueError(
-            "Give either noise_multiplier, or target_epsilon (+ target_delta, "
-            "num_examples, batch_size, epochs) to calibrate it; not both."
-        )
-    if target_epsilon is None and noise_multiplier is None:
-        raise ValueError(
-            "noise_multiplier (>= 0) or target_epsilon (> 0, with target_delta, "
-            "num_examples, batch_size and epochs) is required."
-        )
-    eps = None
-    if target_epsilon is not None:
-        eps = _check_float("target_epsilon", target_epsilon, 0.0, math.inf)
-        missing = [k for k, v in dict(target_delta=d, num_examples=n, batch_size=b, epochs=e).items() if v is None]
-        if missing:
-            raise ValueError(
-                f"target_epsilon={eps} needs {', '.join(missing)} to calibrate the "
-                "noise multiplier (target_delta in (0, 1), num_examples >= 1, "
-                "batch_size in (0, num_examples], epochs > 0)."
-            )
-    if noise_multiplier is not None:
-        sigma = noise_lib.check_noise_multiplier(noise_multiplier)
-        source = "calibrated" if calibrated else "given"
-    else:
-        from ewtune_tf import accounting
-
-        result = accounting.calibrate_noise_multiplier(
-            eps,
-            d,
-            num_examples=n,
-            batch_size=int(round(b)) if float(b).is_integer() else b,
-            epochs=e,
-            method=accountant_method,
-            order=accountant_order,
-            certify=certify,
-        )
-        # The accountant's sigma, times the sensitivity: the noise std that
-        # gives a Gaussian mechanism with that multiplier.
-        sigma = float(result.noise_multiplier) * records_lib.record_sensitivity(num_microbatches)
-        q = float(result.sampling_probability)
-        source = "calibrated"
-    if sigma > 0 and not math.isfinite(c):
-        raise ValueError("l2_norm_clip must be finite when noise_multiplier > 0; got inf.")
-    if sigma == 0:
-        warnings.warn("noise_multiplier=0: training is NOT differentially private.", stacklevel=3)
-    if sampling == "shuffle":
-        warnings.warn(
-            "sampling='shuffle': the accountant assumes Poisson sampling; the "
-            "reported epsilon is that of Poisson sampling with the same q, which "
-            "is not a proven bound for shuffled fixed-size batches. Use "
-            "ewtune_tf.data.poisson_batches for a matching guarantee.",
-            stacklevel=3,
-        )
     if noise_seed is not None:
+        checks.check_int("noise_seed", noise_seed, optional=True)
         warnings.warn(
             "noise_seed is set: the DP noise is reproducible from a known seed and "
             "offers NO privacy. Use only for tests.",
-            stacklevel=3,
+            stacklevel=4,
         )
+    _check_microbatching(num_microbatches, clipping, plan.expected_batch_size)
     groups = check_clip_group_spec(clip_groups)
     if groups is not None and target_unclipped_quantile is not None:
         raise ValueError(
             "clip_groups (group-wise clipping) cannot be combined with "
             "target_unclipped_quantile (adaptive clipping); use one of them."
         )
-    tq = cc = None
-    lr = _check_float("clip_learning_rate", clip_learning_rate, 0.0, math.inf)
-    if target_unclipped_quantile is not None:
-        tq = _check_float("target_unclipped_quantile", target_unclipped_quantile, 0.0, 1.0)
-        if not math.isfinite(c):
+    lr = checks.check_real("clip_learning_rate", clip_learning_rate, 0.0)
+    tq = checks.check_real("target_unclipped_quantile", target_unclipped_quantile, 0.0, 1.0, optional=True)
+    if tq is not None:
+        if not math.isfinite(plan.l2_norm_clip):
             raise ValueError("l2_norm_clip (the initial clip of adaptive clipping) must be finite; got inf.")
         if clipped_count_stddev is None:
-            if b is None:
+            if plan.expected_batch_size is None:
                 raise ValueError(
                     "clipped_count_stddev (> 0, records) is required for adaptive clipping "
                     "when batch_size (the expected batch size) is unknown."
                 )
-            clipped_count_stddev = b / 20.0
-        cc = _check_float("clipped_count_stddev", clipped_count_stddev, 0.0, math.inf)
-        noise_lib.adaptive_sum_noise_multiplier(sigma, cc)  # ValueError if too small
+            clipped_count_stddev = plan.expected_batch_size / 20.0
+        clipped_count_stddev = checks.check_real("clipped_count_stddev", clipped_count_stddev, 0.0)
+        noise_lib.adaptive_sum_noise_multiplier(plan.noise_multiplier, clipped_count_stddev)  # ValueError if too small
     elif clipped_count_stddev is not None:
         raise ValueError("clipped_count_stddev is only used with target_unclipped_quantile (adaptive clipping).")
     return PrivacyConfig(
-        clip_groups=groups,
-        target_unclipped_quantile=tq,
-        clip_learning_rate=lr,
-        clipped_count_stddev=cc,
-        l2_norm_clip=c,
-        noise_multiplier=sigma,
-        sampling_probability=q,
-        delta=d,
-        expected_batch_size=b,
-        num_examples=n,
-        epochs=e,
-        target_epsilon=eps,
+        plan=plan,
         num_microbatches=num_microbatches,
         clipping=clipping,
-        accountant_method=accountant_method,
-        accountant_order=accountant_order,
-        certify=certify,
-        sampling=sampling,
         noise_seed=None if noise_seed is None else int(noise_seed),
-        noise_multiplier_source=source,
+        target_unclipped_quantile=tq,
+        clip_learning_rate=lr,
+        clipped_count_stddev=clipped_count_stddev,
+        clip_groups=groups,
     )
 
 
-def _check_microbatching(num_microbatches: Optional[int], clipping: str, expected_batch_size: Optional[float]) -> None:
-    """Keyed microbatch records need an expected batch size and a clipping
-    implementation that accumulates record gradients over chunks."""
-    if num_microbatches is None:
-        return
-    if expected_batch_size is None:
-        raise ValueError(
-            f"num_microbatches={num_microbatches} needs batch_size (the expected logical batch size, > 0): "
-            "a record's loss is its examples' loss sum over the expected group size batch_size / num_microbatches."
-        )
-    if clipping not in clipping_lib.keyed_record_impls():
+def _check_keyed_clipping(num_microbatches: Optional[int], clipping: str) -> None:
+    """Keyed microbatch records need a clipping implementation that accumulates
+    record gradients over the physical chunks of a logical batch."""
+    if num_microbatches is not None and clipping not in clipping_lib.keyed_record_impls():
         raise ValueError(
             f"num_microbatches={num_microbatches} with clipping={clipping!r}: keyed record groups are accumulated "
             "over the physical chunks of a logical batch before they are clipped, which ghost norms cannot do; "
             f"use clipping in {list(clipping_lib.keyed_record_impls())}, or num_microbatches=None."
+        )
+
+
+def _check_microbatching(num_microbatches: Optional[int], clipping: str, expected_batch_size: Optional[float]) -> None:
+    """Keyed microbatch records also need an expected batch size (record losses are normalised by it)."""
+    if num_microbatches is None:
+        return
+    _check_keyed_clipping(num_microbatches, clipping)
+    if expected_batch_size is None:
+        raise ValueError(
+            f"num_microbatches={num_microbatches} needs batch_size (the expected logical batch size, > 0): "
+            "a record's loss is its examples' loss sum over the expected group size batch_size / num_microbatches."
         )

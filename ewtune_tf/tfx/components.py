@@ -18,9 +18,9 @@ import os
 from tfx import v1 as tfx
 from tfx.types import standard_artifacts
 
+from ewtune_tf.privacy import certified_epsilon
 from ewtune_tf.tfx.artifacts import REPORT_FILE, PrivacyReport
 from ewtune_tf.tfx.gate import gate_decision
-from ewtune_tf.tfx.gate import report_float as _float
 from ewtune_tf.tfx.trainer_module import find_privacy_report
 
 # What tfx.components.util.model_utils.is_model_blessed() reads, and the
@@ -28,6 +28,12 @@ from ewtune_tf.tfx.trainer_module import find_privacy_report
 BLESSED_KEY = "blessed"
 BLESSED_FILE = "BLESSED"
 NOT_BLESSED_FILE = "NOT_BLESSED"
+
+
+def _number(report, key: str) -> float:
+    value = report.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else -1.0
 
 
 @tfx.dsl.components.component
@@ -43,19 +49,23 @@ def PrivacyReportGen(
     with open(os.path.join(privacy_report.uri, REPORT_FILE), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
 
-    certified = _float(report, "certified_epsilon", "epsilon")
-    estimate = _float(report, "estimated_epsilon", "epsilon_estimate")
-    privacy_report.certified_epsilon = certified
-    privacy_report.estimated_epsilon = estimate if math.isfinite(estimate) else -1.0
-    privacy_report.target_epsilon = _float(report, "target_epsilon")
-    privacy_report.delta = _float(report, "delta")
-    privacy_report.noise_multiplier = _float(report, "noise_multiplier", "sigma")
-    privacy_report.sampling_probability = _float(report, "sampling_probability", "q")
-    privacy_report.steps = int(report.get("steps", -1))
-    privacy_report.sampling_method = str(report.get("sampling_method", "unknown"))
-    privacy_report.accountant = str(report.get("accountant", "unknown"))
-    privacy_report.l2_norm_clip = _float(report, "l2_norm_clip")
-    privacy_report.dataset_size = int(report.get("dataset_size", -1))
+    # Typed MLMD properties from the report's schema fields; -1 where absent
+    # (certified_epsilon: -1 unless the report is certified).
+    certified, _ = certified_epsilon(report)
+    accountant = report.get("accountant") or {}
+    privacy_report.certified_epsilon = -1.0 if certified is None else certified
+    privacy_report.estimated_epsilon = _number(report, "epsilon_estimate")
+    privacy_report.target_epsilon = _number(report, "target_epsilon")
+    privacy_report.delta = _number(report, "delta")
+    privacy_report.noise_multiplier = _number(report, "noise_multiplier")
+    privacy_report.sampling_probability = _number(report, "sampling_probability")
+    privacy_report.steps = int(_number(report, "steps"))
+    privacy_report.sampling_method = str(report.get("sampling", "unknown"))
+    privacy_report.accountant = (
+        f"ewtune_tf.accounting ({accountant.get('method')}; certify={accountant.get('certify')})"
+    )
+    privacy_report.l2_norm_clip = _number(report, "l2_norm_clip")
+    privacy_report.dataset_size = int(_number(report, "num_examples"))
     privacy_report.set_string_custom_property("certified", str(bool(report.get("certified"))))
     privacy_report.set_string_custom_property("source", path)
 
@@ -70,13 +80,13 @@ def PrivacyGate(
     with open(os.path.join(privacy_report.uri, REPORT_FILE)) as f:
         report = json.load(f)
     passed, reason = gate_decision(report, epsilon_budget)
-    certified = _float(report, "certified_epsilon", "epsilon")
+    certified, _ = certified_epsilon(report)
 
     os.makedirs(blessing.uri, exist_ok=True)
     with open(os.path.join(blessing.uri, BLESSED_FILE if passed else NOT_BLESSED_FILE), "w") as f:
         f.write(reason + "\n")
     blessing.set_int_custom_property(BLESSED_KEY, 1 if passed else 0)
-    blessing.set_float_custom_property("certified_epsilon", certified)
+    blessing.set_float_custom_property("certified_epsilon", -1.0 if certified is None else certified)
     blessing.set_float_custom_property("epsilon_budget", float(epsilon_budget))
     blessing.set_string_custom_property("reason", reason)
     print(f"[ewtune_tf.tfx] PrivacyGate: {'BLESSED' if passed else 'NOT BLESSED'}: {reason}", flush=True)

@@ -1,24 +1,16 @@
-"""The privacy-budget decision behind ``PrivacyGate`` (pure Python, no TFX).
+"""The privacy-budget decision behind ``PrivacyGate`` (pure Python, no TFX, no TensorFlow).
 
-Fails closed: a model passes only when its report is marked certified and its
-certified epsilon is a finite number <= the budget. Estimates are ignored.
+Fails closed: a model passes only when its privacy report is a valid report
+of the ``ewtune_tf.privacy`` schema, is ``certified`` (its epsilon is a proven
+upper bound for what ran: see ``uncertified_because``), and its epsilon is <=
+the budget. Estimates are never gated on. Every model that ``ewtune-train``,
+``ewtune_tf.recipe.finetune`` or the TFX Trainer produced under budget passes.
 """
 
 import math
 from typing import Any, Mapping, Tuple
 
-
-def report_float(report: Mapping[str, Any], *keys: str) -> float:
-    """First numeric value among `keys` (NaN if none)."""
-    for key in keys:
-        value = report.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return float("nan")
-
-
-def certified_epsilon(report: Mapping[str, Any]) -> float:
-    return report_float(report, "certified_epsilon", "epsilon")
+from ewtune_tf.privacy import certified_epsilon
 
 
 def check_budget(epsilon_budget: Any) -> float:
@@ -35,11 +27,9 @@ def check_budget(epsilon_budget: Any) -> float:
 def gate_decision(report: Mapping[str, Any], epsilon_budget: float) -> Tuple[bool, str]:
     """(passed, reason) for a privacy report against an epsilon budget."""
     budget = check_budget(epsilon_budget)
-    eps = certified_epsilon(report)
-    if report.get("certified") is not True:
-        return False, "privacy report is not marked certified"
-    if not math.isfinite(eps) or eps < 0:
-        return False, f"certified epsilon missing or invalid ({eps!r})"
+    eps, why = certified_epsilon(report)
+    if eps is None:
+        return False, f"refused: {why}"
     if eps <= budget:
         return True, f"certified epsilon {eps:.6g} <= budget {budget:.6g}"
     return False, f"certified epsilon {eps:.6g} > budget {budget:.6g}"

@@ -52,8 +52,11 @@ exponent range as float32, no loss scaling) or float32. Under
 checks also run on the host before each step.
 
 Training metrics (loss, compiled metrics) are computed on the private batch
-and are *not* covered by the DP guarantee; pass ``report_train_metrics=False``
-to log none.
+and are *not* covered by the DP guarantee, so by default none are computed or
+logged (``report_train_metrics=False``): ``fit`` logs only ``dp_steps``, the
+private step count. ``report_train_metrics=True`` releases them (progress bar,
+history, callbacks, the metrics' checkpointed state); list them as released
+without privacy wherever the model's guarantee is reported.
 """
 
 import dataclasses
@@ -77,7 +80,7 @@ class PrivateStepOptions:
 
     physical_batch_size: Optional[int] = None
     clipping: Optional[str] = None
-    report_train_metrics: bool = True
+    report_train_metrics: bool = False
 
 
 _FLOAT16_MESSAGE = (
@@ -107,7 +110,7 @@ def make_private(
     physical_batch_size: Optional[int] = None,
     clipping: Optional[str] = None,
     num_microbatches: None = None,
-    report_train_metrics: bool = True,
+    report_train_metrics: bool = False,
 ) -> keras.Model:
     """Makes ``model.fit`` / ``train_on_batch`` take DP steps; returns model.
 
@@ -120,7 +123,10 @@ def make_private(
       clipping: clipping implementation name (overrides the optimizer's).
       num_microbatches: must be None. Microbatching changes the record and
         its sensitivity, hence the accounting, so it is set on the optimizer.
-      report_train_metrics: also update loss/metrics on the private batch.
+      report_train_metrics: also compute and log the loss and compiled
+        metrics on the private batches. They are NOT differentially private:
+        off by default, so nothing computed from the private data but the
+        noised update leaves the step.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"model must be a keras.Model; got {type(model).__name__}.")
@@ -214,14 +220,22 @@ def _resolve_optimizer(model):
     return opt
 
 
-def _update_metrics(model, y, y_pred, per_ex_loss, sample_weight):
-    """Updates the loss tracker and compiled metrics (non-private stats)."""
+def _update_metrics(model, y, y_pred, per_ex_loss, sample_weight, report: bool = True):
+    """Updates the loss tracker and compiled metrics (non-private stats).
+
+    With ``report=False`` the compiled metrics are only built (Keras's fit
+    reads their result at epoch end), never updated: they stay empty.
+    """
+    cm = getattr(model, "_compile_metrics", None)
+    if not report:
+        if cm is not None and not cm.built:
+            cm.build(y, y_pred)
+        return
     tracker = getattr(model, "_loss_tracker", None)
     active = tf.cast(sample_weight != 0, tf.float32)
     n = tf.reduce_sum(active)
     if tracker is not None:
         tracker.update_state(tf.reduce_sum(per_ex_loss) / tf.maximum(n, 1.0), sample_weight=n)
-    cm = getattr(model, "_compile_metrics", None)
     if cm is not None:
         cm.update_state(y, y_pred, sample_weight)
 
@@ -245,7 +259,7 @@ def private_train_step(self, data):
         # known (ValueError before the first update if a group is unusable).
         groups=privacy_config_lib.resolve_clip_groups(cfg.clip_groups, [getattr(v, "path", v.name) for v in variables]),
         num_microbatches=cfg.num_microbatches,
-        expected_batch_size=cfg.expected_batch_size,
+        expected_batch_size=cfg.plan.expected_batch_size,
     )
     rows = _rows(x, y, sample_weight, cfg.num_microbatches)
     result = clipped_sum_lib.logical_clipped_sum(
@@ -266,7 +280,9 @@ def private_train_step(self, data):
     )
     if opts.report_train_metrics:
         return self.get_metrics_result()
-    return {}
+    # Not empty: Keras's fit loop needs at least one log value. The private
+    # step count is public (it is what the accountant counts).
+    return {"dp_steps": opt.dp_steps}
 
 
 def _loss_fn_factory(model):
@@ -274,9 +290,9 @@ def _loss_fn_factory(model):
     per_example_loss = make_per_example_loss(model)
 
     def loss_fn_for(rows, report):
-        # Metrics are updated on the first forward pass only (a two-pass
-        # clipping implementation calls loss_fn twice).
-        pending = [report]
+        # Metrics are updated (or, unreported, only built) on the first
+        # forward pass only (a two-pass clipping implementation calls loss_fn twice).
+        pending = [True]
 
         def loss_fn():
             y_pred = model(rows.x, training=True) if model._call_has_training_arg else model(rows.x)
@@ -290,7 +306,7 @@ def _loss_fn_factory(model):
             losses = per_example_loss(rows.y, y_pred, rows.sample_weight)
             if pending[0]:
                 pending[0] = False
-                _update_metrics(model, rows.y, y_pred, losses, rows.sample_weight)
+                _update_metrics(model, rows.y, y_pred, losses, rows.sample_weight, report)
             return losses
 
         return loss_fn

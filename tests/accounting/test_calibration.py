@@ -4,19 +4,35 @@ import math
 
 import pytest
 
-from ewtune_tf.accounting import calibrate_noise_multiplier, compute_epsilon, steps_and_sampling_probability
+from ewtune_tf.accounting import (
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    steps_and_sampling_probability,
+    steps_for_epochs,
+    steps_per_epoch,
+)
 
 
 def test_steps_and_sampling_probability():
     q, m = steps_and_sampling_probability(67349, 2000, 20)
-    assert q == 2000 / 67349 and m == math.ceil(20 * 67349 / 2000)
+    assert q == 2000 / 67349 and m == 20 * math.floor(67349 / 2000) == 660  # the paper's SST-2 steps
     assert steps_and_sampling_probability(100, 10, 3) == (0.1, 30)
+    assert steps_and_sampling_probability(67349, 2048, 3) == (2048 / 67349, 96)  # the main job
     with pytest.raises(ValueError, match="batch_size"):
         steps_and_sampling_probability(10, 20, 1)
     with pytest.raises(ValueError, match="epochs"):
         steps_and_sampling_probability(10, 2, 0)
     with pytest.raises(ValueError, match="num_examples"):
         steps_and_sampling_probability(0, 2, 1)
+
+
+def test_one_rule_turns_epochs_into_steps():
+    # The sampler's pass: floor(1/q) steps; fractional epochs round up.
+    assert steps_per_epoch(0.1) == 10 and steps_per_epoch(0.3) == 3 and steps_per_epoch(1.0) == 1
+    assert steps_for_epochs(0.1, 2.5) == 25 and steps_for_epochs(0.3, 0.5) == 2 and steps_for_epochs(1.0, 0.1) == 1
+    assert steps_for_epochs(16 / 64, 2) == 8
+    with pytest.raises(ValueError, match="sampling_probability"):
+        steps_per_epoch(0.0)
 
 
 def test_certified_calibration_sst2():
@@ -35,7 +51,7 @@ def test_certified_calibration_sst2():
 
 def test_uncertified_calibration_by_dataset_size():
     res = calibrate_noise_multiplier(8.0, 1e-5, num_examples=67349, batch_size=2000, epochs=20, certify=False)
-    assert res.steps == 674 and res.sampling_probability == 2000 / 67349
+    assert res.steps == 660 and res.sampling_probability == 2000 / 67349  # 20 passes of floor(N/B) = 33 steps
     assert not res.certified
     assert res.epsilon.epsilon == pytest.approx(8.0, abs=2e-3)
     d = res.to_dict()

@@ -37,7 +37,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import tensorflow as tf
     import ewtune_tf
     from ewtune_tf.data import poisson_batches
-    from ewtune_tf.training.budget import _atomic_write_json
+    from ewtune_tf.utils.files import atomic_write_json as _atomic_write_json
 
     workdir, delay, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     N, Q, STEPS, EPOCHS, SIGMA, DELTA = 64, 0.25, 4, 3, 1.0, 1e-5
@@ -196,7 +196,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mode):
 ATOMIC_WRITER = textwrap.dedent(
     """
     import sys
-    from ewtune_tf.training.budget import _atomic_write_json
+    from ewtune_tf.utils.files import atomic_write_json as _atomic_write_json
     path = sys.argv[1]
     obj = {"history": [{"epoch": i, "epsilon": 1.0 + i, "pad": "x" * 200} for i in range(5000)]}
     i = 0
@@ -222,17 +222,17 @@ def test_kill_during_report_writes_never_leaves_a_corrupt_file(tmp_path):
 
 
 def test_atomic_writer_replaces_in_one_step(tmp_path, monkeypatch):
-    from ewtune_tf.training import budget
+    from ewtune_tf.utils import files
 
     path = tmp_path / "h.json"
-    budget._atomic_write_json(str(path), {"a": 1})
+    files.atomic_write_json(str(path), {"a": 1})
 
     def failing_replace(src, dst):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(budget.os, "replace", failing_replace)
+    monkeypatch.setattr(files.os, "replace", failing_replace)
     with pytest.raises(OSError):
-        budget._atomic_write_json(str(path), {"a": 2})
+        files.atomic_write_json(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}  # old content intact
     assert [p.name for p in tmp_path.iterdir()] == ["h.json"]  # no temp left
 
@@ -349,9 +349,9 @@ def test_trainer_cli_kill_and_resume(tmp_path):
         assert resumed[key] == reference[key], key
 
     report, ref_report = (json.loads((d / "privacy_report.json").read_text()) for d in (run_dir, ref_dir))
-    assert report["inputs"] == ref_report["inputs"]
-    assert report["outputs"]["epsilon"] == ref_report["outputs"]["epsilon"]
-    assert report["checkpointing"]["resumed_from_step"] == state["step"]
+    for key in ("steps", "planned_steps", "noise_multiplier", "sampling_probability", "epsilon", "certified"):
+        assert report[key] == ref_report[key], key
+    assert report["run"]["checkpointing"]["resumed_from_step"] == state["step"]
     # epsilon history continues across the kill: no reset, no double count.
     strip = lambda hist: [(h["epoch"], h["steps"], h["epsilon"]) for h in hist]
     assert strip(report["epsilon_history"]) == strip(ref_report["epsilon_history"])

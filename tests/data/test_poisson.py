@@ -115,7 +115,8 @@ def test_shuffled_batches_warn_and_keep_fixed_size():
     assert sizes == [8] * 6
 
 
-def test_steps_per_epoch_never_exceed_calibrated_steps():
+def test_sampler_runs_the_accounted_steps():
+    """The sampler's pass and the accountant's epochs -> steps rule are one rule."""
     import math
 
     from ewtune_tf.accounting import steps_and_sampling_probability
@@ -124,8 +125,8 @@ def test_steps_per_epoch_never_exceed_calibrated_steps():
     for n, b in [(67349, 256), (100, 30), (50, 50), (1000, 7)]:
         for epochs in (1, 2, 3):
             q, steps = steps_and_sampling_probability(n, b, epochs)
-            assert epochs * steps_per_epoch(q) <= steps
-            assert epochs * steps_per_epoch(q) >= epochs * math.floor(n / b)
+            assert epochs * steps_per_epoch(q) == steps == epochs * math.floor(n / b)
+    assert poisson_batches(_ds(), 0.25).steps_per_epoch == 4
 
 
 # --------------------------------------------------------------------------

@@ -168,5 +168,5 @@ def test_build_classifier_pooling_option(tiny_preset):
     assert isinstance(clf, classifier_lib.BertMeanPoolingClassifier)
     assert clf.preprocessor is not None
     assert not [v.path for v in clf.trainable_variables if "pooled_dense" in v.path]
-    with pytest.raises(ValueError, match="--pooling must be one of auto, mean, cls"):
+    with pytest.raises(ValueError, match="^pooling must be one of auto, mean, cls"):
         models.build_classifier(tiny_preset, pooling="max")

@@ -16,16 +16,18 @@ def tiny_preset(tmp_path_factory):
 
 
 def test_unknown_model_names_flag_and_choices():
-    with pytest.raises(ValueError, match="--model 'nope'.*minilm.*bert_tiny_en_uncased"):
+    with pytest.raises(ValueError, match="^model 'nope'.*minilm.*bert_tiny_en_uncased"):
         models.resolve_model("nope")
+    with pytest.raises(ValueError, match="^--model 'nope'"):
+        models.resolve_model("nope", name="--model")
 
 
 def test_bad_options(tiny_preset):
-    with pytest.raises(ValueError, match="--lora_rank"):
+    with pytest.raises(ValueError, match="^lora_rank"):
         models.build_classifier(tiny_preset, lora_rank=-1)
-    with pytest.raises(ValueError, match="--sequence_length must be in \\[8, 64\\]"):
+    with pytest.raises(ValueError, match="^sequence_length must be in \\[8, 64\\]"):
         models.build_classifier(tiny_preset, sequence_length=65)
-    with pytest.raises(ValueError, match="--dropout"):
+    with pytest.raises(ValueError, match="^dropout"):
         models.build_classifier(tiny_preset, dropout=1.0)
 
 

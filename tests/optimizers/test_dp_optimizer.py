@@ -89,20 +89,43 @@ def test_calibration_from_target_epsilon_is_certified():
     opt = EWTuneSGD(
         0.1, l2_norm_clip=1.0, target_epsilon=3.0, target_delta=1e-5, num_examples=1000, batch_size=50, epochs=2
     )
-    cfg = opt.privacy_config
-    assert cfg.noise_multiplier_source == "calibrated"
-    assert cfg.noise_multiplier > 0 and cfg.sampling_probability == pytest.approx(0.05)
-    from ewtune_tf import accounting
-
-    steps = accounting.steps_and_sampling_probability(1000, 50, 2)
-    q, t = steps if steps[0] <= 1 else steps[::-1]
-    res = accounting.compute_epsilon(
-        sampling_probability=q, noise_multiplier=cfg.noise_multiplier, steps=int(t), delta=1e-5
-    )
+    plan = opt.privacy_plan
+    assert plan is opt.privacy_config.plan and plan.noise_multiplier_rule == "certified"
+    assert plan.noise_multiplier > 0 and plan.sampling_probability == pytest.approx(0.05)
+    assert plan.steps == 40  # 2 epochs of floor(1000 / 50) steps: the sampler's rule
+    res = plan.epsilon()
     assert res.certified and res.epsilon <= 3.0 + 1e-9
     # Restoring from config reuses sigma instead of recalibrating.
     again = EWTuneSGD.from_config(opt.get_config())
-    assert again.privacy_config.noise_multiplier == cfg.noise_multiplier
+    assert again.privacy_plan == plan
+
+
+def test_optimizer_takes_a_plan():
+    from ewtune_tf.privacy import PrivacyPlan
+
+    plan = PrivacyPlan(0.01, 1.0, noise_multiplier=1.1, num_examples=1000, expected_batch_size=10.0, delta=1e-5)
+    opt = EWTuneAdam(1e-3, plan=plan, clipping="vectorized")
+    assert opt.privacy_plan is plan and opt.privacy_state()["noise_multiplier"] == 1.1
+    assert type(opt).from_config(opt.get_config()).privacy_plan == plan
+    with pytest.raises(ValueError, match="give a plan or its arguments, not both"):
+        EWTuneAdam(1e-3, plan=plan, l2_norm_clip=1.0)
+    with pytest.raises(ValueError, match="num_microbatches=4 forms 'keyed_microbatch' records"):
+        EWTuneAdam(1e-3, plan=plan, num_microbatches=4, clipping="vectorized")
+
+
+def test_inconsistent_sampling_probability_is_refused():
+    """Issue 13.5: q=0.05 with batch_size/num_examples = 0.01 was silently replaced by 0.01."""
+    with pytest.raises(ValueError, match="sampling_probability=0.05 disagrees with batch_size / num_examples"):
+        EWTuneSGD(
+            0.1,
+            l2_norm_clip=1.0,
+            target_epsilon=1.0,
+            target_delta=1e-5,
+            sampling_probability=0.05,
+            batch_size=100,
+            num_examples=10000,
+            epochs=1,
+        )
 
 
 def test_shuffle_sampling_warns_and_is_recorded():

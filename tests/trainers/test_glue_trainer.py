@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from ewtune_tf.recipe.checkpoint import read_state
+from ewtune_tf.tfx.gate import gate_decision
 from trainers import glue as trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -52,7 +54,7 @@ def _base_args(tmp_path, tiny_preset, *extra):
     [
         (["--epsilon", "0"], "--epsilon must be a finite number > 0"),
         (["--delta", "1"], "--delta must be in (0, 1)"),
-        (["--epochs", "-1"], "--epochs must be > 0"),
+        (["--epochs", "-1"], "--epochs must be a finite number > 0"),
         (["--batch_size", "0"], "--batch_size must be an integer >= 1"),
         (["--physical_batch_size", "0"], "--physical_batch_size must be"),
         (["--learning_rate", "nan"], "--learning_rate must be"),
@@ -107,30 +109,33 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
     assert set(summary) >= {"dev_accuracy", "epsilon", "noise_multiplier", "steps", "export_path"}
     assert 0 <= summary["dev_accuracy"] <= 1
     assert 0 < summary["epsilon"] <= 8.0 and summary["certified"] is True
-    assert summary["steps"] == 8 and summary["noise_multiplier"] > 0  # 2 epochs x round(64/16)
+    assert summary["steps"] == 8 and summary["noise_multiplier"] > 0  # 2 epochs x floor(64/16)
     assert any(line.startswith("certified epsilon:") for line in lines)
+    # Issue 13.2: nothing computed from the private batches is printed by default.
+    assert "loss" not in result.stdout and "accuracy" not in result.stdout.replace("dev accuracy", "").replace(
+        '"dev_accuracy"', ""
+    )
+    assert any(line.startswith("[train] step 8/8 | epsilon <=") for line in lines)
 
     run = tmp_path / "run"
     report = json.loads((run / "privacy_report.json").read_text())
-    assert report["private"] is True and report["sampling"] == "poisson"
-    assert report["inputs"]["sampling_probability"] == 0.25
-    assert report["inputs"]["steps"] == 8
-    assert report["outputs"]["epsilon_certified"] is True
-    assert report["outputs"]["epsilon"] == pytest.approx(summary["epsilon"])
-    assert report["outputs"]["epsilon_estimate"] > 0
-    assert report["package_versions"]["tensorflow"]
-    assert len(report["epsilon_history"]) == 2
+    assert report["schema_version"] == 1 and report["private"] is True and report["sampling"] == "poisson"
+    assert report["sampling_probability"] == 0.25 and report["steps"] == 8 and report["planned_steps"] == 8
+    assert report["certified"] is True and report["uncertified_because"] == []
+    assert report["epsilon"] == pytest.approx(summary["epsilon"]) and report["epsilon_estimate"] > 0
+    assert report["released_without_privacy"] == []
+    assert report["run"]["package_versions"]["tensorflow"]
+    assert [h["steps"] for h in report["epsilon_history"]] == [4, 8]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["dev_accuracy"] == summary["dev_accuracy"] and metrics["steps"] == 8
+    assert metrics["train_history"] is None
     assert metrics["optimizer_updates"] == 8 and metrics["final_learning_rate"] == pytest.approx(0.01)
     assert metrics["config"]["lr_schedule"] == "constant" and metrics["config"]["pooling"] == "auto"
     assert metrics["classifier"] == "BertTextClassifier"  # auto: the tiny Keras preset has no mean-pooling config
     assert (run / "privacy.png").stat().st_size > 1000
-    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
 
-    # TensorBoard: epoch scalars at the logical step, and PrivacyBudget's
-    # epsilon (tf.summary.scalar now that tensorboard is installed).
+    # TensorBoard: epsilon at the logical step; no training loss (not released).
     import tensorflow as tf
 
     tags = {}
@@ -138,35 +143,45 @@ def test_private_run_end_to_end(tmp_path, tiny_preset):
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
             for value in event.summary.value:
                 tags.setdefault(value.tag, []).append(event.step)
-    assert tags["epoch/epsilon"] == [4, 8] and tags["epoch/loss"] == [4, 8]
-    assert tags["privacy/epsilon"] == [4, 8]
+    assert tags["epoch/epsilon"] == [4, 8] and tags["privacy/epsilon"] == [4, 8]
+    assert "epoch/loss" not in tags and "epoch/accuracy" not in tags
 
-    # Checkpoint: the sidecar names the final checkpoint and the privacy config.
-    state = trainer.read_checkpoint_state(str(run))
+    # Checkpoint: the sidecar names the final checkpoint and the privacy plan.
+    state = read_state(str(run))
     assert state["step"] == 8 and (run / "checkpoints" / (state["checkpoint"] + ".index")).is_file()
-    assert state["privacy_config"]["noise_multiplier"] == summary["noise_multiplier"]
-    assert state["privacy_config"]["l2_norm_clip"] == 1.0 and state["privacy_config"]["planned_steps"] == 8
+    assert state["plan"]["noise_multiplier"] == summary["noise_multiplier"]
+    assert state["plan"]["l2_norm_clip"] == 1.0 and state["plan"]["steps"] == 8
     assert [h["steps"] for h in state["epsilon_history"]] == [4, 8]
-    assert report["checkpointing"]["resumed_from_step"] == 0
+    assert report["run"]["checkpointing"]["resumed_from_step"] == 0
 
+    # The export carries the same report, and the TFX privacy gate accepts it.
     export_path = pathlib.Path(summary["export_path"])
     assert export_path == tmp_path / "saved_models" / "glue_sst2" / "1"
-    assert json.loads((export_path / "assets" / "privacy_report.json").read_text())["outputs"][
-        "epsilon"
-    ] == pytest.approx(summary["epsilon"])
+    exported = json.loads((export_path / "assets" / "privacy_report.json").read_text())
+    assert exported["epsilon"] == pytest.approx(summary["epsilon"])
+    passed, reason = gate_decision(exported, 8.0)
+    assert passed, reason
+    assert not gate_decision(exported, summary["epsilon"] / 2)[0]
     assert (export_path / "saved_model.pb").is_file()
 
 
 def test_linear_schedule_counts_logical_steps(tmp_path, tiny_preset, capsys):
     """One optimizer update per noise release (not per physical chunk), so a
-    linear schedule ends at 0 on the last planned step."""
+    linear schedule ends at 0 on the last planned step. A fixed sampling seed
+    makes the export uncertified, and the TFX privacy gate refuses it."""
     rc = trainer.main(
-        _base_args(tmp_path, tiny_preset, "--lr_schedule", "linear", "--no_export", "--max_eval_examples", "4")
+        _base_args(tmp_path, tiny_preset, "--lr_schedule", "linear", "--sampling_seed", "3", "--max_eval_examples", "4")
     )
     assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["optimizer_updates"] == 8
     assert metrics["final_learning_rate"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["certified"] is False
+    exported = json.loads((pathlib.Path(summary["export_path"]) / "assets" / "privacy_report.json").read_text())
+    assert exported["certified"] is False and "fixed sampling seed" in exported["uncertified_because"][0]
+    passed, reason = gate_decision(exported, 100.0)
+    assert not passed and "fixed sampling seed" in reason
 
 
 def test_head_clip_share_splits_the_clip_budget(tmp_path, tiny_preset, capsys):
@@ -189,27 +204,15 @@ def test_head_clip_share_splits_the_clip_budget(tmp_path, tiny_preset, capsys):
     )
     assert rc == 0
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
-    groups = report["inputs"]["clip_groups"]
+    groups = report["mechanism"]["clip_group_norms"]
     assert groups["head"]["l2_norm_clip"] == pytest.approx(1.0)
     assert groups["head"]["l2_norm_clip"] ** 2 + groups["rest"]["l2_norm_clip"] ** 2 == pytest.approx(4.0)
-    assert report["inputs"]["l2_norm_clip"] == 2.0
+    assert report["l2_norm_clip"] == 2.0 and report["certified"]
 
 
-def test_head_clip_groups_match_only_the_head(tiny_preset):
-    import re
-
-    from ewtune_tf.nlp import models
-
-    classifier = models.build_classifier(tiny_preset, num_classes=2, sequence_length=16, lora_rank=2)
-    ((pattern, share),) = trainer._head_clip_groups(classifier, 0.3)
-    head = {v.path for v in classifier.output_dense.trainable_variables}
-    matched = {v.path for v in classifier.trainable_variables if re.search(pattern, v.path)}
-    assert matched == head and share == 0.3
-    assert len(classifier.trainable_variables) > len(head)  # LoRA weights form the other group
-    assert trainer._head_clip_groups(classifier, None) is None
-
-
-def test_ema_is_swapped_in_once_after_training(tmp_path, tiny_preset, capsys):
+def test_ema_and_opt_in_training_metrics(tmp_path, tiny_preset, capsys):
+    """--report_train_metrics releases the training loss/accuracy, and the
+    privacy report lists them (issue 13.2)."""
     rc = trainer.main(
         _base_args(
             tmp_path,
@@ -218,33 +221,21 @@ def test_ema_is_swapped_in_once_after_training(tmp_path, tiny_preset, capsys):
             "0.5",
             "--max_steps",
             "3",
+            "--report_train_metrics",
             "--no_export",
             "--max_eval_examples",
             "4",
         )
     )
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 3
-
-
-def test_deferred_ema_finalization_keeps_the_iterate_during_fit():
-    import keras
-    import numpy as np
-
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    opt = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
-    model.compile(opt, "mse")
-    finalize = trainer._defer_ema_finalization(opt)
-    x, y = np.ones((4, 3), "float32"), np.zeros((4, 1), "float32")
-    model.fit(x, y, epochs=2, batch_size=2, verbose=0)
-    iterate = [w.numpy().copy() for w in model.trainable_weights]
-    average = [a.numpy().copy() for a in opt._model_variables_moving_average]
-    assert any(not np.allclose(i, a) for i, a in zip(iterate, average))  # fit did not swap
-    finalize(model.trainable_weights)
-    for w, a in zip(model.trainable_weights, average):
-        np.testing.assert_allclose(w.numpy(), a)
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and "| loss " in out
+    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
+    assert [r["name"] for r in report["released_without_privacy"]] == ["train_loss", "train_accuracy"]
+    assert report["certified"] is True  # The model's guarantee is unchanged; the release is listed.
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["train_history"]["loss"]) == 1
 
 
 def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
@@ -258,7 +249,9 @@ def test_no_dp_baseline_is_labelled(tmp_path, tiny_preset, capsys):
     assert metrics["optimizer_updates"] == 2
     assert any("NON-PRIVATE" in line for line in out)
     report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
-    assert report["private"] is False and "NON-PRIVATE" in report["label"]
+    assert report["private"] is False and "NON-PRIVATE" in report["run"]["label"]
+    assert report["certified"] is False and report["epsilon"] is None
+    assert not gate_decision(report, 1e9)[0]
 
 
 def _snapshot(directory):
@@ -286,22 +279,24 @@ def test_resume_refuses_other_privacy_config_and_no_resume(tmp_path, tiny_preset
     assert trainer.main(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run = tmp_path / "run"
-    state = trainer.read_checkpoint_state(str(run))
+    state = read_state(str(run))
     assert first["steps"] == 3 and state["step"] == 3  # Saved at step 2 and at the epoch end (3).
     before = _snapshot(run)
 
     assert trainer.main(args + ["--l2_norm_clip", "0.5"]) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.split("error:")[-1]
     assert (
-        "different privacy configuration" in err
-        and "l2_norm_clip [--l2_norm_clip]: checkpoint 1.0, this run 0.5" in err
+        "different privacy plan" in err
+        and "l2_norm_clip [--l2_norm_clip, --no_dp]: checkpoint 1.0, this run 0.5" in err
     )
     assert "noise_multiplier" not in err  # sigma does not depend on the clip norm: only the clip is named.
     assert trainer.main(args + ["--epsilon", "4"]) == 2
-    err = capsys.readouterr().err
-    assert "target_epsilon [--epsilon]: checkpoint 8.0, this run 4.0" in err and "noise_multiplier" in err
+    err = capsys.readouterr().err.split("error:")[-1]
+    assert "target_epsilon [--epsilon]: checkpoint 8.0, this run 4.0" in err and "noise_multiplier [--epsilon" in err
+    assert trainer.main(args + ["--lora_rank", "2"]) == 2
+    assert "lora_rank [--lora_rank]: checkpoint 8, this run 2" in capsys.readouterr().err.split("error:")[-1]
     assert trainer.main(args + ["--no_resume"]) == 2
-    assert "--no_resume" in capsys.readouterr().err
+    assert "--no_resume" in capsys.readouterr().err.split("error:")[-1]
     assert _snapshot(run) == before
 
     assert trainer.main(args) == 0  # Same command: resumes at step 3 of 3.
@@ -310,13 +305,13 @@ def test_resume_refuses_other_privacy_config_and_no_resume(tmp_path, tiny_preset
     assert "resumed from" in out
     assert again["steps"] == 3 and again["epsilon"] == first["epsilon"]
     report = json.loads((run / "privacy_report.json").read_text())
-    assert report["checkpointing"]["resumed_from_step"] == 3 and len(report["epsilon_history"]) == 1
+    assert report["run"]["checkpointing"]["resumed_from_step"] == 3 and len(report["epsilon_history"]) == 1
 
 
 def test_checkpoint_flags_validated(tmp_path, capsys):
     out = tmp_path / "out"
     assert trainer.main(["--output_dir", str(out), "--checkpoint_every", "-1"]) == 2
-    assert "--checkpoint_every must be an integer >= 0" in capsys.readouterr().err
+    assert "--checkpoint_every must be an integer >= 0" in capsys.readouterr().err.split("error:")[-1]
     assert trainer.main(["--output_dir", str(out), "--sampling_seed", "-3"]) == 2
-    assert "--sampling_seed must be" in capsys.readouterr().err
+    assert "--sampling_seed must be" in capsys.readouterr().err.split("error:")[-1]
     assert not out.exists()

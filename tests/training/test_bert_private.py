@@ -48,7 +48,7 @@ def test_tiny_bert_trains_privately_with_poisson_chunks():
     model.compile(
         optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
     )
-    make_private(model, physical_batch_size=4)
+    make_private(model, physical_batch_size=4, report_train_metrics=True)
     before = [w.numpy().copy() for w in model.trainable_weights]
     h = model.fit(pb.dataset, epochs=1, verbose=0, shuffle=False, callbacks=[PrivacyBudget()])
     assert int(opt.dp_steps.numpy()) == 3

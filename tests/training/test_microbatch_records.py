@@ -131,8 +131,8 @@ _ACCOUNTING = dict(l2_norm_clip=1.0, num_examples=1000, batch_size=50.0, target_
 
 
 def test_calibration_with_microbatches_doubles_the_noise():
-    per_example = EWTuneSGD(0.1, target_epsilon=3.0, epochs=2, **_ACCOUNTING).privacy_config
-    keyed = EWTuneSGD(0.1, target_epsilon=3.0, epochs=2, num_microbatches=10, **_ACCOUNTING).privacy_config
+    per_example = EWTuneSGD(0.1, target_epsilon=3.0, epochs=2, **_ACCOUNTING).privacy_plan
+    keyed = EWTuneSGD(0.1, target_epsilon=3.0, epochs=2, num_microbatches=10, **_ACCOUNTING).privacy_plan
     assert keyed.noise_multiplier == pytest.approx(2 * per_example.noise_multiplier, rel=1e-12)
     assert keyed.accounted_noise_multiplier == pytest.approx(per_example.noise_multiplier, rel=1e-12)
     assert (keyed.record, keyed.sensitivity) == ("keyed_microbatch", 2.0)
@@ -152,8 +152,8 @@ def test_reported_epsilon_is_per_example_epsilon_at_half_sigma():
     r_keyed, r_half, r_full = (privacy_report(o) for o in (keyed, half, full))
     assert r_keyed["epsilon"] == r_half["epsilon"] and r_keyed["certified"]
     assert r_keyed["epsilon"] > r_full["epsilon"]
-    mech = r_keyed["mechanism"]
-    assert (mech["record"], mech["sensitivity"], mech["accounted_noise_multiplier"]) == ("keyed_microbatch", 2.0, 1.0)
+    record = tuple(r_keyed[k] for k in ("record", "sensitivity", "accounted_noise_multiplier"))
+    assert record == ("keyed_microbatch", 2.0, 1.0) and r_keyed["mechanism"]["num_microbatches"] == 10
     budget, budget_half = PrivacyBudget(), PrivacyBudget()
     budget.set_model(keras.Sequential([keras.Input((2,))]))
     budget.model.optimizer = keyed

@@ -20,7 +20,7 @@ def _fit(jit=False, physical=None, steps_cap=None):
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit,
     )
-    make_private(m, physical_batch_size=physical)
+    make_private(m, physical_batch_size=physical, report_train_metrics=True)
     opt = getattr(m.optimizer, "inner_optimizer", m.optimizer)
     if steps_cap is not None:
         opt.dp_max_steps.assign(steps_cap)

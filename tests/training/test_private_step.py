@@ -233,7 +233,7 @@ def test_fit_with_noise_runs_and_counts_steps():
     m = _functional()
     opt = EWTuneAdam(1e-2, l2_norm_clip=1.0, noise_multiplier=1.0, batch_size=8, num_examples=32, target_delta=1e-5)
     m.compile(opt, LOSS, metrics=["accuracy"])
-    make_private(m)
+    make_private(m, report_train_metrics=True)  # Opt-in: loss/accuracy of the private batches.
     h = m.fit(x, y, batch_size=8, epochs=2, verbose=0)
     assert int(opt.dp_steps.numpy()) == 8
     assert "loss" in h.history and np.all(np.isfinite(h.history["loss"]))

@@ -1,0 +1,524 @@
+"""``finetune(config, train, dev)``: the whole private fine-tuning recipe, from Python.
+
+One run:
+
+1. Checks the settings against this machine, loads the data (the config's
+   GLUE task unless ``train``/``dev`` are given), plans the privacy
+   (``FinetuneConfig.privacy_plan``: q = B/N, the steps of the epochs,
+   sigma calibrated to a certified epsilon) and decides fresh start or resume
+   -- all before anything is written.
+2. Builds the classifier (``ewtune_tf.nlp.build_classifier``: MiniLM-L6 with
+   LoRA by default), tokenizes, and compiles ``EWTuneAdam`` running the plan;
+   ``make_private`` makes ``fit`` take private steps.
+3. Trains one ``fit`` per epoch over freshly Poisson-sampled logical batches
+   (sorted by length and cut to their longest row per physical chunk; a
+   permutation of the sampled batch changes nothing in the mechanism), with
+   ``PrivacyBudget``, checkpoints (``ewtune_tf.recipe.checkpoint``), progress
+   and TensorBoard (``ewtune_tf.recipe.monitoring``).
+4. Evaluates on the dev split(s), writes the privacy report
+   (``PrivacyPlan.report``: the certified epsilon of the steps actually
+   taken), metrics and the privacy plot, and exports a SavedModel with the
+   report as an asset.
+
+Nothing computed from the private training data leaves the process without
+noise unless ``report_train_metrics`` asks for it (then the report lists it).
+"""
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+from ewtune_tf.privacy import PrivacyPlan, Release, RunFacts
+from ewtune_tf.recipe import checkpoint as ckpt_lib
+from ewtune_tf.recipe import monitoring
+from ewtune_tf.recipe import optimization as opt_lib
+from ewtune_tf.recipe.config import FinetuneConfig
+from ewtune_tf.recipe.data import TextExamples, resolve_data
+from ewtune_tf.recipe.settings import ConfigError, escape
+from ewtune_tf.utils.files import atomic_write_json, read_json
+from ewtune_tf.utils.versions import package_versions
+
+PRIVACY_REPORT = "privacy_report.json"
+METRICS = "metrics.json"
+EPSILON_HISTORY = "epsilon_history.json"
+# Epoch-end log keys that carry privacy numbers, not statistics of the data.
+_PRIVACY_LOGS = ("epsilon", "epsilon_estimate", "epsilon_certified", "dp_steps")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What a run produced.
+
+    Attributes:
+      config, plan: what ran.
+      report: the privacy report (``ewtune_tf.privacy`` schema).
+      metrics: what ``metrics.json`` holds (dev accuracy, timing, ...).
+      classifier: the trained KerasHub classifier, preprocessor attached.
+      export_path: the exported SavedModel, or None.
+    """
+
+    config: FinetuneConfig
+    plan: PrivacyPlan
+    report: Dict[str, Any]
+    metrics: Dict[str, Any]
+    classifier: Any
+    export_path: Optional[str]
+
+    @property
+    def steps(self) -> int:
+        return int(self.report["steps"])
+
+    @property
+    def epsilon(self) -> float:
+        """The report's epsilon; inf for a non-private run."""
+        return math.inf if self.report["epsilon"] is None else float(self.report["epsilon"])
+
+    @property
+    def dev_accuracy(self) -> Optional[float]:
+        return self.metrics["dev_accuracy"]
+
+    def summary(self) -> Dict[str, Any]:
+        """The headline numbers (``ewtune-train`` prints them as its last line)."""
+        return {
+            "dev_accuracy": self.dev_accuracy,
+            "epsilon": self.epsilon,
+            "delta": self.report["delta"],
+            "certified": self.report["certified"],
+            "private": self.report["private"],
+            "noise_multiplier": self.plan.noise_multiplier,
+            "steps": self.steps,
+            "export_path": self.export_path,
+        }
+
+
+@dataclasses.dataclass
+class _Run:
+    """State shared by the stages of one run."""
+
+    config: FinetuneConfig
+    train: TextExamples
+    devs: Dict[str, TextExamples]
+    num_classes: int
+    label_names: tuple
+    plan: PrivacyPlan
+    resume_state: Optional[Dict[str, Any]]
+    t_start: float
+    objects: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    facts: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def start_step(self) -> int:
+        return 0 if self.resume_state is None else int(self.resume_state["step"])
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.config.output_dir, name)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def finetune(config: FinetuneConfig, train=None, dev=None) -> FinetuneResult:
+    """Runs the recipe (see the module docstring) and returns its result.
+
+    Args:
+      config: the settings (``FinetuneConfig()`` is the main job).
+      train: training data (``TextExamples``, a ``GlueSplit`` or
+        ``(texts, labels)``); None loads the config's GLUE task.
+      dev: evaluation data (one, or a mapping split name -> data), or None.
+
+    Raises:
+      ConfigError: a setting is out of range or inconsistent with the data or
+        an existing checkpoint (raised before anything is written).
+    """
+    run = _prepare(config, train, dev, time.perf_counter())
+    _build(run)
+    _train(run)
+    return _finish(run)
+
+
+def _prepare(config: FinetuneConfig, train, dev, t_start: float) -> _Run:
+    """Validation, data, the privacy plan and the resume decision; writes nothing."""
+    from ewtune_tf.nlp import glue as glue_lib
+
+    config.check_environment()
+    train, devs = resolve_data(config, train, dev)
+    task = glue_lib.get_task(config.task)
+    label_names = train.label_names or task.label_names
+    num_classes = config.num_classes or len(label_names)
+    if len(label_names) != num_classes:
+        label_names = tuple(str(i) for i in range(num_classes))
+    for name, data in [("train", train), *devs.items()]:
+        if len(data) and (data.labels.min() < 0 or data.labels.max() >= num_classes):
+            # Which labels, or how many, is not said: they are private data.
+            raise ConfigError(
+                f"{{num_classes}} is {num_classes}, but some {name} labels are outside [0, {num_classes}).",
+                "num_classes",
+            )
+    _log(
+        f"[data] {len(train)} train examples from {train.source}; "
+        + ", ".join(f"{s}: {len(d)}" for s, d in devs.items())
+    )
+    plan = config.privacy_plan(len(train))
+    if plan.private:
+        _log(
+            f"[privacy] q={plan.sampling_probability:.5g} (B={config.batch_size}, N={len(train)}), steps={plan.steps}, "
+            f"sigma={plan.noise_multiplier:.4f} ({plan.noise_multiplier_rule}); delta={plan.delta:g}"
+            + (f", target epsilon {plan.target_epsilon:g}" if plan.target_epsilon is not None else "")
+        )
+    else:
+        _log("[privacy] no_dp: NON-PRIVATE baseline (no clipping, no noise); no epsilon.")
+    state = ckpt_lib.decide_resume(config, plan)
+    return _Run(config, train, devs, num_classes, tuple(label_names), plan, state, t_start)
+
+
+def _make_strategy(name: str):
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except Exception as e:  # No TPU here.
+        raise ConfigError(
+            f"{{strategy}} tpu needs a reachable TPU ({type(e).__name__}: {escape(e)}).", "strategy"
+        ) from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _build_classifier(run: _Run):
+    from ewtune_tf.nlp import models
+
+    c = run.config
+    try:
+        return models.build_classifier(
+            c.model,
+            num_classes=run.num_classes,
+            sequence_length=c.sequence_length,
+            lora_rank=c.lora_rank,
+            trainable_layers=c.trainable_layers,
+            dropout=c.dropout,
+            pooling=c.pooling,
+        )
+    except ValueError as e:
+        error = ConfigError.from_library(str(e), tuple(c.to_dict()))
+        if error is None:
+            raise
+        raise error from None
+
+
+def _build(run: _Run) -> None:
+    """The classifier, the tokens and the compiled (private) training model."""
+    import keras
+
+    from ewtune_tf.nlp import models
+    from ewtune_tf.training import make_private
+
+    c, o = run.config, run.objects
+    keras.utils.set_random_seed(c.seed)
+    o["strategy"] = strategy = _make_strategy(c.strategy)
+    with strategy.scope():
+        o["classifier"] = classifier = _build_classifier(run)
+    params = models.count_parameters(classifier)
+    run.facts.update(trainable_parameters=params["trainable"], total_parameters=params["total"])
+    _log(
+        f"[model] {c.model} ({type(classifier).__name__}): {params['trainable']:,} trainable / "
+        f"{params['total']:,} parameters (lora_rank={c.lora_rank}, trainable_layers={c.trainable_layers})"
+    )
+    t0 = time.perf_counter()
+    o["train_tokens"] = models.tokenize(classifier.preprocessor, run.train.texts)
+    o["dev_tokens"] = {s: models.tokenize(classifier.preprocessor, d.texts) for s, d in run.devs.items()}
+    _log(
+        f"[tokens] {len(run.train)} train and {sum(map(len, run.devs.values()))} dev examples in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )  # No statistics of the training texts: they are private.
+    with strategy.scope():
+        o["model"] = model = models.dynamic_padding_model(classifier)
+        o["optimizer"] = optimizer = opt_lib.make_optimizer(c, run.plan, classifier, run.plan.steps)
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")] if c.report_train_metrics else None
+        model.compile(
+            optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=metrics
+        )
+        if run.plan.private:
+            make_private(model, physical_batch_size=c.physical_batch_size, report_train_metrics=c.report_train_metrics)
+    o["counter"] = ckpt_lib.StepCounter(optimizer, run.plan.private, opt_lib.accumulation_steps(c))
+
+
+def _epoch_seed(sampling_seed: int, epoch: int) -> int:
+    """Poisson seed of one epoch (``sampling_seed`` only): with the batch index
+    inside the epoch it determines the batch, so a step's batch depends only
+    on (sampling_seed, logical step)."""
+    return (int(sampling_seed) * 1_000_003 + int(epoch)) % (2**62)
+
+
+def _sampler_facts(run: _Run) -> Dict[str, Any]:
+    """What the Poisson sampler runs (``PoissonBatches.report()``'s fields), from the plan and settings."""
+    from ewtune_tf import accounting
+
+    plan = run.plan
+    return {
+        "sampling": "poisson",
+        "num_examples": plan.num_examples,
+        "sampling_probability": plan.sampling_probability,
+        "expected_batch_size": plan.expected_batch_size,
+        "steps_per_epoch": accounting.steps_per_epoch(plan.sampling_probability),
+        "max_batch_size": None,
+        "overflow": "error",
+        "overflow_probability_bound": 0.0,
+        "overflow_count": None,
+        "fixed_seed": run.config.sampling_seed is not None,
+    }
+
+
+def _epoch_data(run: _Run, base_ds, epoch: int, steps: int, skip: int):
+    """(dataset, fit steps) of one epoch: ``steps`` logical batches, the first ``skip`` dropped."""
+    import tensorflow as tf
+
+    from ewtune_tf.nlp.models import sort_by_length
+
+    c = run.config
+    if run.plan.private:
+        from ewtune_tf.data import poisson_batches
+
+        seed = None if c.sampling_seed is None else _epoch_seed(c.sampling_seed, epoch)
+        q = run.plan.sampling_probability
+        batches = poisson_batches(base_ds, sampling_probability=q, steps=steps, epochs=1, seed=seed)
+        run.facts["sampler"].update(fixed_seed=batches.seeded, sampling_probability=batches.sampling_probability)
+        return batches.dataset.skip(skip).map(sort_by_length), None  # Exactly steps - skip batches.
+    # Baseline: fixed-size shuffled logical batches of B, sorted by length and
+    # cut into the private path's physical chunks (Keras accumulates them),
+    # so padding costs the same. Each logical batch is `accumulate` chunks.
+    accumulate = opt_lib.accumulation_steps(c)
+    chunk = c.batch_size // accumulate
+    ds = (
+        base_ds.shuffle(len(run.train), seed=c.seed + epoch, reshuffle_each_iteration=False)
+        .repeat()
+        .batch(chunk * accumulate, drop_remainder=True)
+        .map(lambda x, y: sort_by_length(x, y, tf.ones_like(y, tf.float32))[:2])
+        .unbatch()
+        .batch(chunk, drop_remainder=True)
+        .skip(skip * accumulate)
+    )
+    return ds, (steps - skip) * accumulate
+
+
+def _callbacks(run: _Run) -> List[Any]:
+    """PrivacyBudget, the checkpointer, TensorBoard and progress, in that order
+    (the checkpointer and the logger see the budget's epoch-end epsilon)."""
+    from ewtune_tf.training import PrivacyBudget
+
+    c, o, plan = run.config, run.objects, run.plan
+    counter, budget = o["counter"], None
+    if plan.private:
+        budget = PrivacyBudget(
+            plan.target_epsilon if plan.bounds_target else None,
+            delta=plan.delta,
+            history_path=run.path(EPSILON_HISTORY),
+            log_dir=run.path(os.path.join("tensorboard", "privacy")),
+        )
+    o["budget"] = budget
+    sidecar = {"plan": ckpt_lib.plan_record(plan), "settings": c.resume_settings()}
+    ckpt_dir = ckpt_lib.checkpoint_dir(c.output_dir)
+    o["checkpointer"] = ckpt_lib.make_checkpointer(
+        o["model"], o["optimizer"], ckpt_dir, c.checkpoint_every, counter, budget, sidecar
+    )
+    released = None if c.report_train_metrics else _PRIVACY_LOGS
+    return [cb for cb in (budget, o["checkpointer"]) if cb is not None] + [
+        monitoring.scalar_logger(run.path("tensorboard"), counter, released),
+        monitoring.progress_callback(plan, counter, plan.steps, show_logs=c.report_train_metrics),
+    ]
+
+
+def _start(run: _Run) -> None:
+    """Fresh start, or restore the checkpoint named by the sidecar."""
+    o, c = run.objects, run.config
+    ckpt_dir, history = ckpt_lib.checkpoint_dir(c.output_dir), run.path(EPSILON_HISTORY)
+    if run.resume_state is None:
+        removed = ckpt_lib.start_fresh(ckpt_dir, history)
+        if removed:
+            _log(f"[checkpoint] removed {len(removed)} unrecorded checkpoint file(s) from {ckpt_dir}")
+        return
+    removed = ckpt_lib.remove_checkpoints_after(ckpt_dir, run.start_step)
+    if removed:
+        _log(
+            f"[checkpoint] removed {len(removed)} checkpoint file(s) newer than the recorded step "
+            f"{run.start_step} (written just before a kill; never released)"
+        )
+    path = ckpt_lib.restore(
+        o["checkpointer"], ckpt_dir, run.resume_state, o["counter"], o["model"], o["budget"], history
+    )
+    _log(
+        f"[checkpoint] resumed from {path}: logical step {run.start_step} of {run.plan.steps} "
+        f"({len(run.resume_state.get('epsilon_history', []))} epsilon history entries)"
+    )
+
+
+def _train(run: _Run) -> None:
+    """Trains the remaining planned steps: one ``fit`` per (freshly sampled) epoch."""
+    import tensorflow as tf
+
+    from ewtune_tf import accounting
+
+    c, o, plan = run.config, run.objects, run.plan
+    os.makedirs(c.output_dir, exist_ok=True)
+    run.facts["sampler"] = _sampler_facts(run)
+    callbacks = _callbacks(run)
+    _start(run)
+    features = {k: tf.constant(v) for k, v in o["train_tokens"].items()}
+    base_ds = tf.data.Dataset.from_tensor_slices((features, tf.constant(run.train.labels)))
+    per_epoch = accounting.steps_per_epoch(plan.sampling_probability)
+    epochs = math.ceil(plan.steps / per_epoch)
+    start_epoch, done = divmod(run.start_step, per_epoch)
+    _log(
+        f"[train] {plan.steps} logical steps ({per_epoch} per epoch), B={c.batch_size}, physical chunks of "
+        f"{c.physical_batch_size}, clipping={c.clipping if plan.private else 'none (no_dp)'}"
+        + (f"; resuming at step {run.start_step}" if run.start_step else "")
+    )
+    finalize_ema = opt_lib.defer_ema_finalization(o["optimizer"]) if c.ema_momentum is not None else None
+    t0, history = time.perf_counter(), {}
+    for epoch in range(start_epoch, epochs):
+        steps = min(per_epoch, plan.steps - epoch * per_epoch)
+        skip = done if epoch == start_epoch else 0
+        if skip >= steps:
+            continue  # Resumed at the end of this epoch.
+        ds, fit_steps = _epoch_data(run, base_ds, epoch, steps, skip)
+        h = o["model"].fit(
+            ds,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            steps_per_epoch=fit_steps,
+            callbacks=callbacks,
+            verbose=0,
+            shuffle=False,
+        )
+        for key, values in h.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        if o["counter"].logical() < epoch * per_epoch + steps:
+            _log(f"[train] stopped at logical step {o['counter'].logical()} (privacy budget cap)")
+            break
+    if finalize_ema is not None:
+        finalize_ema(o["model"].trainable_weights)
+    run.facts.update(train_seconds=time.perf_counter() - t0, train_history=history)
+
+
+def _releases(config: FinetuneConfig) -> tuple:
+    """What leaves the process un-noised by opt-in (``report_train_metrics``)."""
+    if not config.report_train_metrics:
+        return ()
+    where = ("progress output", "metrics.json train_history", "TensorBoard epoch/*", "checkpoint metric state")
+    return (
+        Release("train_loss", where, "mean cross-entropy of the private batches, without noise"),
+        Release("train_accuracy", where, "accuracy on the private batches, without noise"),
+    )
+
+
+def _report(run: _Run, steps: int) -> Dict[str, Any]:
+    """The privacy report of the steps taken (``PrivacyPlan.report``)."""
+    from ewtune_tf.training.report import mechanism_facts
+
+    c, o, private = run.config, run.objects, run.plan.private
+    budget = o.get("budget")
+    mechanism = mechanism_facts(o["optimizer"].privacy_config) if private else {}
+    mechanism.update(physical_batch_size=c.physical_batch_size, clip_group_norms=opt_lib.clip_groups_report(c))
+    facts = RunFacts(
+        noise_seed_fixed=private and o["optimizer"].privacy_config.noise_seed is not None,
+        sampler=run.facts["sampler"] if private else None,
+        mechanism=mechanism,
+        released_without_privacy=_releases(c),
+        epsilon_history=list(budget.history) if budget is not None else [],
+        run=_provenance(run),
+    )
+    return run.plan.report(steps, facts)
+
+
+def _provenance(run: _Run) -> Dict[str, Any]:
+    c = run.config
+    return {
+        "label": "differentially private (DP-SGD/Adam)" if run.plan.private else "NON-PRIVATE BASELINE (no_dp)",
+        "task": c.task,
+        "model": c.model,
+        "classifier": type(run.objects["classifier"]).__name__,
+        "data_source": run.train.source,
+        "settings": c.to_dict(),
+        "checkpointing": {
+            "directory": ckpt_lib.checkpoint_dir(c.output_dir),
+            "every_logical_steps": c.checkpoint_every,
+            "resumed_from_step": run.start_step,
+        },
+        "package_versions": package_versions(),
+    }
+
+
+def _export(run: _Run, report: Dict[str, Any]) -> Optional[str]:
+    c = run.config
+    if c.no_export:
+        return None
+    from ewtune_tf.export import export_versioned
+
+    if run.plan.bounds_target and report["epsilon"] > run.plan.target_epsilon * (1 + 1e-9):
+        # PrivacyBudget stops before this can happen; a model over its target is never exported.
+        raise RuntimeError(f"epsilon {report['epsilon']} exceeds the target {run.plan.target_epsilon}; not exported.")
+    name = f"glue_{c.task}" + ("" if run.plan.private else "_nodp")
+    return export_versioned(
+        run.objects["classifier"],
+        c.export_dir,
+        name,
+        text_keys=run.train.text_keys,
+        label_names=run.label_names,
+        privacy_report=report,
+    )
+
+
+def _metrics(run: _Run, steps: int, dev_accuracy: Mapping[str, float], export_path: Optional[str]) -> Dict[str, Any]:
+    c, o, f = run.config, run.objects, run.facts
+    return {
+        "task": c.task,
+        "private": run.plan.private,
+        "dev_accuracy": next(iter(dev_accuracy.values()), None),
+        "dev_accuracy_by_split": dict(dev_accuracy),
+        # Statistics of the private batches: only by opt-in (listed in the privacy report).
+        "train_history": f["train_history"] if c.report_train_metrics else None,
+        "resumed_from_step": run.start_step,
+        "steps": steps,
+        "train_seconds": f["train_seconds"],
+        "seconds_per_step": f["train_seconds"] / max(1, steps - run.start_step),
+        # Updates the optimizer applied (what the learning-rate schedule counts).
+        "optimizer_updates": int(o["optimizer"].iterations.numpy()),
+        "final_learning_rate": opt_lib.current_learning_rate(o["optimizer"]),
+        "total_seconds": time.perf_counter() - run.t_start,
+        "classifier": type(o["classifier"]).__name__,  # What pooling "auto" resolved to.
+        "trainable_parameters": f["trainable_parameters"],
+        "total_parameters": f["total_parameters"],
+        "config": c.to_dict(),
+        "export_path": export_path,
+    }
+
+
+def _finish(run: _Run) -> FinetuneResult:
+    """Evaluation, the privacy report for the steps taken, plot, export, metrics."""
+    from ewtune_tf.nlp import models
+
+    o = run.objects
+    steps = o["counter"].logical()
+    dev = {s: models.accuracy(o["classifier"], o["dev_tokens"][s], d.labels) for s, d in run.devs.items()}
+    report = _report(run, steps)
+    if run.plan.private and steps:
+        monitoring.privacy_plot(run.path("privacy.png"), run.plan, steps)
+    atomic_write_json(run.path(PRIVACY_REPORT), report)
+    export_path = _export(run, report)
+    metrics = _metrics(run, steps, dev, export_path)
+    atomic_write_json(run.path(METRICS), metrics)
+    return FinetuneResult(run.config, run.plan, report, metrics, o["classifier"], export_path)
+
+
+def read_report(output_dir: str) -> Dict[str, Any]:
+    """The privacy report a run wrote to ``output_dir``."""
+    return read_json(os.path.join(output_dir, PRIVACY_REPORT))

@@ -1,0 +1,78 @@
+"""finetune() from Python on the fixture data: the recipe without the command line."""
+
+import json
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+from ewtune_tf.privacy import certified_epsilon
+from ewtune_tf.recipe import FinetuneConfig, TextExamples, finetune, optimization
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "glue"
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    from ewtune_tf.nlp import models
+
+    return models.save_tiny_bert_preset(str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+def _texts(split):
+    from ewtune_tf.nlp import load_glue
+
+    data = load_glue("sst2", split, glue_dir=str(FIXTURES))
+    return TextExamples(data.texts, data.labels, ("sentence",), ("negative", "positive"), source="fixture")
+
+
+def test_finetune_from_python_on_given_data(tmp_path, tiny_preset):
+    config = FinetuneConfig(
+        model=tiny_preset,
+        batch_size=16,
+        physical_batch_size=8,
+        epochs=1,
+        sequence_length=32,
+        output_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "saved_models"),
+    )
+    result = finetune(config, _texts("train"), {"dev": _texts("dev")})
+    assert result.steps == 4 and result.plan.steps == 4 and 0 <= result.dev_accuracy <= 1
+    assert result.report["certified"] and certified_epsilon(result.report)[0] == result.epsilon <= 8.0
+    assert result.report["run"]["data_source"] == "fixture"
+    assert json.loads((tmp_path / "run" / "privacy_report.json").read_text()) == json.loads(json.dumps(result.report))
+    assert pathlib.Path(result.export_path, "assets", "privacy_report.json").is_file()
+    probabilities = np.asarray(result.classifier(result.classifier.preprocessor(["a good film"]), training=False))
+    assert probabilities.shape == (1, 2)
+
+
+def test_head_clip_groups_match_only_the_head(tiny_preset):
+    from ewtune_tf.nlp import models
+
+    classifier = models.build_classifier(tiny_preset, num_classes=2, sequence_length=16, lora_rank=2)
+    ((pattern, share),) = optimization.head_clip_groups(classifier, 0.3)
+    head = {v.path for v in classifier.output_dense.trainable_variables}
+    matched = {v.path for v in classifier.trainable_variables if re.search(pattern, v.path)}
+    assert matched == head and share == 0.3
+    assert len(classifier.trainable_variables) > len(head)  # LoRA weights form the other group
+    assert optimization.head_clip_groups(classifier, None) is None
+
+
+def test_deferred_ema_finalization_keeps_the_iterate_during_fit():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    opt = keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5)
+    model.compile(opt, "mse")
+    finalize = optimization.defer_ema_finalization(opt)
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 1), "float32")
+    model.fit(x, y, epochs=2, batch_size=2, verbose=0)
+    iterate = [w.numpy().copy() for w in model.trainable_weights]
+    average = [a.numpy().copy() for a in opt._model_variables_moving_average]
+    assert any(not np.allclose(i, a) for i, a in zip(iterate, average))  # fit did not swap
+    finalize(model.trainable_weights)
+    for w, a in zip(model.trainable_weights, average):
+        np.testing.assert_allclose(w.numpy(), a)
