@@ -87,29 +87,10 @@ def _finish(procs, timeout=300):
 
 
 def _trainer(preset, output_dir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "trainers.glue",
-        "--model",
-        str(preset),
-        "--glue_dir",
-        FIXTURES,
-        "--task",
-        "sst2",
-        "--batch_size",
-        "16",
-        "--physical_batch_size",
-        "8",
-        "--sequence_length",
-        "32",
-        "--max_eval_examples",
-        "8",
-        "--no_export",
-        "--output_dir",
-        str(output_dir),
-        *extra,
-    ]
+    """``python -m trainers.glue`` on the tiny preset and the fixture data (q = 1/4)."""
+    flags = dict(model=preset, glue_dir=FIXTURES, task="sst2", batch_size=16, physical_batch_size=8)
+    flags.update(sequence_length=32, max_eval_examples=8, output_dir=output_dir)
+    return [sys.executable, "-m", "trainers.glue", *(f"--{k}={v}" for k, v in flags.items()), "--no_export", *extra]
 
 
 def _summary(result):
