@@ -66,7 +66,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test-tfx: install-tfx
-	$(VENV_TFX)/bin/python -m pytest -q tests/tfx tests/nlp/test_hf_compat.py tests/nlp/test_classifier.py tests/mechanism/test_clipping.py tests/training/test_private_step.py tests/training/test_nonfinite.py tests/training/test_microbatch_records.py tests/training/test_precision.py tests/data/test_poisson.py tests/privacy tests/recipe tests/training/test_released_metrics.py $(PYTEST_FLAGS)
+	$(VENV_TFX)/bin/python -m pytest -q tests/tfx tests/nlp/test_hf_compat.py tests/nlp/test_classifier.py tests/mechanism/test_clipping.py tests/training/test_private_step.py tests/training/test_nonfinite.py tests/training/test_microbatch_records.py tests/training/test_precision.py tests/data/test_poisson.py tests/data/test_global_poisson.py tests/privacy tests/recipe tests/training/test_released_metrics.py $(PYTEST_FLAGS)
 
 bench: install
 	mkdir -p bench_results
