@@ -28,15 +28,19 @@ Every other setting is the recipe's (``FinetuneConfig``: the main job's
 defaults unless given); any recipe flag except those the table decides
 (``PER_RUN``) can be passed, e.g. ``--model``, ``--glue_dir``, ``--epochs``.
 
-Usage::
+Usage (``make paper-plan`` and ``make paper-table`` run the first two)::
 
-    # the full SST-2 table (9 runs of the main job; hours on a CPU)
+    # the plan only: each rule's sigma for the main job at eps 8, 3, 1 and the
+    # certified epsilon it gives (seconds; nothing trained, accuracy "pending")
+    python benchmarks/paper_table.py --plan_only --glue_dir ../shared/data/glue
+    # the full SST-2 table (9 runs of the main job; hours on a CPU; rerun to resume)
     python benchmarks/paper_table.py --glue_dir ../shared/data/glue --json runs/paper_table/sst2.json
     # CI-sized: a tiny random BERT, fixture data, 2 steps per run (9 rows)
     python benchmarks/paper_table.py --quick --json out.json
-    # GPU-scale (the paper's tasks; KerasHub preset and TFDS data downloaded when online)
+    # GPU-scale (the paper's tasks, q and m; KerasHub preset and TFDS data downloaded when online)
     python benchmarks/paper_table.py --model bert_base_en_uncased --tasks sst2,qnli,qqp,mnli \
-        --batch_size 2000 --epochs 20 --json runs/paper_table/gpu.json
+        --batch_size 2000 --epochs 20 --sequence_length 128 --physical_batch_size 256 \
+        --json runs/paper_table/gpu.json
 
 Resumable: rows already in ``--json`` (same task, rule and target epsilon,
 same settings) are skipped, each finished run is appended to the JSON at once
@@ -441,7 +445,9 @@ def _write(table: Dict[str, Any], args: argparse.Namespace) -> None:
     text = markdown(table)
     print(text, flush=True)
     if args.markdown:
-        pathlib.Path(args.markdown).write_text(text)
+        path = pathlib.Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -41,6 +42,21 @@ def test_rules_give_the_specs_sigmas_at_the_papers_sst2_setting():
     assert certified["noise_multiplier"] < rdp["noise_multiplier"] < 0.8775
     assert rdp["rule_epsilon"] <= 8.0 and rdp["certified_epsilon"] < 8.0
     assert all(r["dev_accuracy"] is None and r["seconds"] is None for r in rows.values())  # nothing trained
+
+
+def test_the_readmes_planned_table_is_what_plan_only_computes():
+    # README "The EW-Tune experiment": sigma and certified epsilon of each rule for the main job as of
+    # 2026-11-30 (B = 2048 of N = 67349, 3 epochs = 96 steps, delta 1e-5); pinned here, not read from
+    # FinetuneConfig's defaults, which may move on while the README keeps the table it ran.
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### The EW-Tune experiment") :]
+    pattern = r"\| sst2 \| (\d+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)[^|]*\| [^|]+ \| 96 \|"
+    readme = {(float(e), rule): (float(s), float(c)) for e, rule, s, _, c in re.findall(pattern, section)}
+    assert len(readme) == 9
+    config = FinetuneConfig(batch_size=2048, epochs=3, delta=1e-5, accountant="tilted")
+    for (eps, rule), (sigma, cert) in readme.items():
+        row = paper_table.plan_row(config, "sst2", rule, eps, 67349)
+        assert (round(row["noise_multiplier"], 4), round(row["certified_epsilon"], 2)) == (sigma, cert)
 
 
 def test_plan_only_prints_the_planned_table_and_trains_nothing(tmp_path, capsys):
