@@ -79,7 +79,7 @@ if str(ROOT) not in sys.path:
 
 from ewtune_tf.nlp.glue import TASKS  # noqa: E402  (no TensorFlow at import)
 from ewtune_tf.recipe.config import FinetuneConfig  # noqa: E402
-from ewtune_tf.recipe.settings import ConfigError, add_arguments, flag_name, settings_of  # noqa: E402
+from ewtune_tf.recipe.settings import ConfigError, add_arguments, cli_error, flag_name, settings_of  # noqa: E402
 from ewtune_tf.utils.files import atomic_write_json, read_json  # noqa: E402
 
 BENCHMARK = "paper_table"
@@ -463,13 +463,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _write(table, args)
             return 0
         data = preflight(config, sorted({t for t, _, _ in todo}))
-    except ConfigError as e:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {e.render(flag_name)}", file=sys.stderr)
-        return 2
-    except PreflightError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
+    except (ConfigError, PreflightError) as e:
+        return cli_error(parser, e)
     table["machine"] = table["machine"] or machine()
     table.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
     if len(table["rows"]):
