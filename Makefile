@@ -74,6 +74,7 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py --json bench_results/train_step.json
 	$(BIN)/python benchmarks/train_step.py --workload main_job $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) \
 	  --json bench_results/train_step_main_job.json
+	$(BIN)/python benchmarks/multi_worker.py --json bench_results/multi_worker.json
 	$(BIN)/python benchmarks/audit.py --json bench_results/audit.json
 
 # The EW-Tune experiment (README, "The EW-Tune experiment"): sigma chosen by each rule
