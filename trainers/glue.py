@@ -13,7 +13,13 @@ checkpoints and resume work, is documented in ``ewtune_tf.recipe.finetuning``
 and ``ewtune_tf.recipe.checkpoint``.
 
 Exit status 2 and a message naming the flag and its allowed range for a bad
-setting (before anything is loaded or written); 1 for missing data.
+setting (before anything is loaded or written); 1 for missing data, or when
+a padded Poisson batch overflows under --jit_compile / --strategy tpu (rerun
+to resume).
+
+GPU and TPU: ``--precision mixed_bfloat16`` and ``--jit_compile`` (XLA on
+static shapes; ``ewtune_tf.recipe.compute``); ``benchmarks/gpu_check.sh``
+runs the GPU check.
 
 Outputs in --output_dir: privacy_report.json (the ``ewtune_tf.privacy``
 report schema), metrics.json, epsilon_history.json, TensorBoard logs,
@@ -75,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ewtune_tf.nlp.glue import GlueDataError
-    from ewtune_tf.recipe import finetune
+    from ewtune_tf.recipe import BatchOverflowError, finetune
 
     try:
         result = finetune(config_from_arguments(FinetuneConfig, args))
@@ -83,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {e.render(flag_name)}", file=sys.stderr)
         return 2
-    except GlueDataError as e:
+    except (GlueDataError, BatchOverflowError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     summary = result.summary()

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ewtune_tf.privacy import PrivacyPlan, Release, RunFacts
 from ewtune_tf.recipe import checkpoint as ckpt_lib
-from ewtune_tf.recipe import monitoring
+from ewtune_tf.recipe import compute, monitoring
 from ewtune_tf.recipe import optimization as opt_lib
 from ewtune_tf.recipe.config import FinetuneConfig
 from ewtune_tf.recipe.data import TextExamples, resolve_data
@@ -105,6 +105,7 @@ class _Run:
     plan: PrivacyPlan
     resume_state: Optional[Dict[str, Any]]
     t_start: float
+    static_rows: Optional[int] = None  # rows of every padded Poisson batch (static shapes), or None
     objects: Dict[str, Any] = dataclasses.field(default_factory=dict)
     facts: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -132,10 +133,14 @@ def finetune(config: FinetuneConfig, train=None, dev=None) -> FinetuneResult:
     Raises:
       ConfigError: a setting is out of range or inconsistent with the data or
         an existing checkpoint (raised before anything is written).
+      BatchOverflowError: under static shapes, a Poisson batch exceeded the
+        static row count (an event the report's delta accounts for); rerun
+        to resume.
     """
     run = _prepare(config, train, dev, time.perf_counter())
     _build(run)
-    _train(run)
+    with compute.overflow_as_error(run.static_rows, config.delta - run.plan.delta):
+        _train(run)
     return _finish(run)
 
 
@@ -171,7 +176,14 @@ def _prepare(config: FinetuneConfig, train, dev, t_start: float) -> _Run:
     else:
         _log("[privacy] no_dp: NON-PRIVATE baseline (no clipping, no noise); no epsilon.")
     state = ckpt_lib.decide_resume(config, plan)
-    return _Run(config, train, devs, num_classes, tuple(label_names), plan, state, t_start)
+    rows = config.static_batch_rows(plan)
+    if config.static_shapes:
+        _log(
+            f"[shapes] static: {f'Poisson batches padded to {rows} rows' if rows else 'fixed-size batches'} "
+            f"x {config.sequence_length} tokens (no dynamic padding)"
+            + (f"; a larger batch aborts the run (adds <= {config.delta - plan.delta:.3g} to delta)" if rows else "")
+        )
+    return _Run(config, train, devs, num_classes, tuple(label_names), plan, state, t_start, rows)
 
 
 def _make_strategy(name: str):
@@ -216,22 +228,23 @@ def _build_classifier(run: _Run):
 
 
 def _build(run: _Run) -> None:
-    """The classifier, the tokens and the compiled (private) training model."""
+    """The classifier (under the config's dtype policy), the tokens and the compiled (private) training model."""
     import keras
 
     from ewtune_tf.nlp import models
-    from ewtune_tf.training import make_private
 
     c, o = run.config, run.objects
     keras.utils.set_random_seed(c.seed)
     o["strategy"] = strategy = _make_strategy(c.strategy)
-    with strategy.scope():
+    compute.check_replicas(run.static_rows, strategy.num_replicas_in_sync)
+    with compute.precision_policy(c.precision), strategy.scope():
         o["classifier"] = classifier = _build_classifier(run)
     params = models.count_parameters(classifier)
     run.facts.update(trainable_parameters=params["trainable"], total_parameters=params["total"])
     _log(
         f"[model] {c.model} ({type(classifier).__name__}): {params['trainable']:,} trainable / "
-        f"{params['total']:,} parameters (lora_rank={c.lora_rank}, trainable_layers={c.trainable_layers})"
+        f"{params['total']:,} parameters (lora_rank={c.lora_rank}, trainable_layers={c.trainable_layers}, "
+        f"precision={c.precision}, jit_compile={c.jit_compile})"
     )
     t0 = time.perf_counter()
     o["train_tokens"] = models.tokenize(classifier.preprocessor, run.train.texts)
@@ -240,16 +253,31 @@ def _build(run: _Run) -> None:
         f"[tokens] {len(run.train)} train and {sum(map(len, run.devs.values()))} dev examples in "
         f"{time.perf_counter() - t0:.1f}s"
     )  # No statistics of the training texts: they are private.
-    with strategy.scope():
-        o["model"] = model = models.dynamic_padding_model(classifier)
-        o["optimizer"] = optimizer = opt_lib.make_optimizer(c, run.plan, classifier, run.plan.steps)
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")] if c.report_train_metrics else None
-        model.compile(
-            optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=metrics
-        )
-        if run.plan.private:
-            make_private(model, physical_batch_size=c.physical_batch_size, report_train_metrics=c.report_train_metrics)
-    o["counter"] = ckpt_lib.StepCounter(optimizer, run.plan.private, opt_lib.accumulation_steps(c))
+    with compute.precision_policy(c.precision), strategy.scope():
+        _compile(run)
+    o["counter"] = ckpt_lib.StepCounter(o["optimizer"], run.plan.private, opt_lib.accumulation_steps(c))
+
+
+def _compile(run: _Run) -> None:
+    """The training model (dynamic padding, or the full width under static
+    shapes), compiled with the optimizer that runs the plan, made private."""
+    import keras
+
+    from ewtune_tf.nlp import models
+    from ewtune_tf.training import make_private
+
+    c, o = run.config, run.objects
+    o["model"] = model = models.dynamic_padding_model(o["classifier"], trim=not c.static_shapes)
+    o["optimizer"] = optimizer = opt_lib.make_optimizer(c, run.plan, o["classifier"], run.plan.steps)
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")] if c.report_train_metrics else None
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics,
+        jit_compile=compute.model_jit_compile(c),
+    )
+    if run.plan.private:
+        make_private(model, physical_batch_size=c.physical_batch_size, report_train_metrics=c.report_train_metrics)
 
 
 def _epoch_seed(sampling_seed: int, epoch: int) -> int:
@@ -262,17 +290,21 @@ def _epoch_seed(sampling_seed: int, epoch: int) -> int:
 def _sampler_facts(run: _Run) -> Dict[str, Any]:
     """What the Poisson sampler runs (``PoissonBatches.report()``'s fields), from the plan and settings."""
     from ewtune_tf import accounting
+    from ewtune_tf.privacy import report as report_lib
 
-    plan = run.plan
+    plan, rows = run.plan, run.static_rows
     return {
         "sampling": "poisson",
         "num_examples": plan.num_examples,
         "sampling_probability": plan.sampling_probability,
         "expected_batch_size": plan.expected_batch_size,
         "steps_per_epoch": accounting.steps_per_epoch(plan.sampling_probability),
-        "max_batch_size": None,
+        "max_batch_size": rows,
         "overflow": "error",
-        "overflow_probability_bound": 0.0,
+        # The planned run's; the report's delta uses the steps taken (N + 1: the neighbour).
+        "overflow_probability_bound": 0.0
+        if rows is None
+        else report_lib.overflow_probability(plan.num_examples + 1, plan.sampling_probability, plan.steps, rows),
         "overflow_count": None,
         "fixed_seed": run.config.sampling_seed is not None,
     }
@@ -289,10 +321,10 @@ def _epoch_data(run: _Run, base_ds, epoch: int, steps: int, skip: int):
         from ewtune_tf.data import poisson_batches
 
         seed = None if c.sampling_seed is None else _epoch_seed(c.sampling_seed, epoch)
-        q = run.plan.sampling_probability
-        batches = poisson_batches(base_ds, sampling_probability=q, steps=steps, epochs=1, seed=seed)
+        q, rows = run.plan.sampling_probability, run.static_rows
+        batches = poisson_batches(base_ds, sampling_probability=q, steps=steps, max_batch_size=rows, seed=seed)
         run.facts["sampler"].update(fixed_seed=batches.seeded, sampling_probability=batches.sampling_probability)
-        return batches.dataset.skip(skip).map(sort_by_length), None  # Exactly steps - skip batches.
+        return batches.dataset.skip(skip).map(_arrange(run)), None  # Exactly steps - skip batches.
     # Baseline: fixed-size shuffled logical batches of B, sorted by length and
     # cut into the private path's physical chunks (Keras accumulates them),
     # so padding costs the same. Each logical batch is `accumulate` chunks.
@@ -308,6 +340,18 @@ def _epoch_data(run: _Run, base_ds, epoch: int, steps: int, skip: int):
         .skip(skip * accumulate)
     )
     return ds, (steps - skip) * accumulate
+
+
+def _arrange(run: _Run):
+    """Row order of a padded or variable-size Poisson batch (a permutation: the mechanism is unchanged)."""
+    from ewtune_tf.nlp.models import sort_by_length
+
+    replicas = run.objects["strategy"].num_replicas_in_sync
+    if run.static_rows is None:
+        return sort_by_length  # Chunks of similar lengths: dynamic padding cuts the most.
+    if replicas > 1:
+        return compute.deal_to_replicas(replicas, run.static_rows)
+    return lambda *batch: batch  # Full width: the order changes no cost; the padding is already last.
 
 
 def _callbacks(run: _Run) -> List[Any]:

@@ -1,0 +1,98 @@
+"""How the recipe computes its train step: precision, XLA and static shapes.
+
+* **Precision** (``FinetuneConfig.precision``): the Keras dtype policy is set
+  while the model is built and compiled, where Keras reads it (each layer
+  keeps the policy it was built with), then restored, so ``finetune`` leaves
+  the process's global policy as it found it. The private step keeps the
+  clipped sum, the noise and the update in float32 whatever the policy.
+* **Static shapes** (``jit_compile``, or a TPU): XLA compiles one program per
+  input shape, so the step must see one shape for the whole run. Dynamic
+  padding cuts each chunk to its longest row (a new width per chunk; under
+  XLA the cut is a bounded dynamic shape, which costs compile time and saves
+  no compute), and a Poisson batch has a new size every step. Instead every
+  logical batch is padded with weight-0 rows to ``static_batch_rows`` rows
+  (``FinetuneConfig.static_batch_rows``: a batch above it aborts the run, and
+  the report adds that event's probability to delta) and runs at the full
+  ``sequence_length``. The private step skips the trailing chunks that hold
+  padding only, so the extra rows cost (almost) nothing; the full width
+  costs what dynamic padding saved (``benchmarks/static_shapes.py``
+  measures both, and that the step is traced once per run).
+* **Replicas**: tf.distribute cuts a global batch into consecutive
+  per-replica slices. The padding sits at the end of a batch, so the rows are
+  dealt round-robin over the replicas first (a permutation of the batch: the
+  clipped sum, hence the mechanism, is unchanged), and each replica gets an
+  equal share of the real rows.
+"""
+
+import contextlib
+from typing import Iterator, Optional
+
+from ewtune_tf.recipe.settings import ConfigError
+
+OVERFLOW_MARKER = "Poisson batch overflow"  # ewtune_tf.data.poisson's error message
+
+
+class BatchOverflowError(RuntimeError):
+    """A Poisson batch exceeded the static row count: the run stopped before that step."""
+
+
+@contextlib.contextmanager
+def precision_policy(name: str) -> Iterator[None]:
+    """Keras's global dtype policy is ``name`` inside the block, and restored after."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def model_jit_compile(config) -> bool:
+    """``compile(jit_compile=...)``: explicit, because Keras's default ("auto")
+    turns XLA on whenever a GPU is visible, where dynamic padding would compile
+    a bounded dynamic shape. Under TPUStrategy the step is compiled anyway."""
+    return bool(config.jit_compile) and config.strategy != "tpu"
+
+
+def check_replicas(rows: Optional[int], replicas: int) -> None:
+    """ConfigError unless a static batch of ``rows`` splits into whole per-replica shards."""
+    if rows is not None and rows % replicas:
+        raise ConfigError(
+            f"{{strategy}}: the static batches of {rows} rows do not split over {replicas} replicas; "
+            "use a replica count that divides it (1, 2, 4 or 8), or no static shapes (drop {jit_compile}).",
+            "strategy",
+            "jit_compile",
+        )
+
+
+def deal_to_replicas(replicas: int, rows: int):
+    """A ``tf.data`` map fn permuting a batch of ``rows`` rows so that row i
+    lands in replica ``i % replicas``'s consecutive slice."""
+    import numpy as np
+    import tensorflow as tf
+
+    order = tf.constant(np.arange(rows).reshape(rows // replicas, replicas).T.reshape(-1), tf.int32)
+
+    def deal(*batch):
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), batch)
+
+    return deal
+
+
+@contextlib.contextmanager
+def overflow_as_error(rows: Optional[int], delta_budget: float) -> Iterator[None]:
+    """Turns the sampler's overflow error into a :class:`BatchOverflowError` that
+    says what happened (``delta_budget``: the delta reserved for it)."""
+    try:
+        yield
+    except Exception as e:  # tf.errors.InvalidArgumentError, possibly wrapped by Keras
+        if rows is None or OVERFLOW_MARKER not in str(e):
+            raise
+        raise BatchOverflowError(
+            f"a Poisson batch exceeded the static batch size of {rows} rows. The privacy plan allowed for this "
+            f"rare event (the report adds at most {delta_budget:.3g} to delta for it); the step was not taken and "
+            "nothing of it was released. Rerun the same command to resume from the last checkpoint: the resumed "
+            "steps draw fresh batches."
+        ) from None
