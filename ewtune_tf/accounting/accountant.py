@@ -26,6 +26,12 @@ NeighboringRelation = privacy_accountant.NeighboringRelation
 _Details = privacy_accountant.PrivacyAccountant.CompositionErrorDetails
 
 
+# Provenance of the two answers that need no accountant: no event composed
+# yet (epsilon = delta = 0), and a NonPrivateDpEvent (epsilon = inf, delta = 1).
+_EMPTY = dict(certified=True, method="empty", estimate=0.0, estimate_method="empty")
+_NON_PRIVATE = dict(certified=True, method="non_private", estimate_method="non_private", flags=("non_private_event",))
+
+
 class EdgeworthAccountant(dp_accounting.PrivacyAccountant):
     """Edgeworth / saddlepoint accountant for Poisson-subsampled Gaussians.
 
@@ -113,11 +119,9 @@ class EdgeworthAccountant(dp_accounting.PrivacyAccountant):
     def get_epsilon_result(self, target_delta: float) -> api.EpsilonResult:
         delta = v.check_delta(target_delta, "target_delta")
         if self._non_private:
-            return api.EpsilonResult(
-                math.inf, delta, True, "non_private", math.inf, "non_private", None, None, 0.0, ("non_private_event",)
-            )
+            return api.EpsilonResult(math.inf, delta, estimate=math.inf, **_NON_PRIVATE)
         if not self._counts:
-            return api.EpsilonResult(0.0, delta, True, "empty", 0.0, "empty", None, None, 0.0)
+            return api.EpsilonResult(0.0, delta, **_EMPTY)
         return api.epsilon_for_components(
             self.components, delta, self._method, self._order, self._certify, self._pld_interval
         )
@@ -125,11 +129,9 @@ class EdgeworthAccountant(dp_accounting.PrivacyAccountant):
     def get_delta_result(self, target_epsilon: float) -> api.DeltaResult:
         eps = v.check_epsilon(target_epsilon, "target_epsilon")
         if self._non_private:
-            return api.DeltaResult(
-                1.0, eps, True, "non_private", 1.0, "non_private", None, None, 0.0, ("non_private_event",)
-            )
+            return api.DeltaResult(1.0, eps, estimate=1.0, **_NON_PRIVATE)
         if not self._counts:
-            return api.DeltaResult(0.0, eps, True, "empty", 0.0, "empty", None, None, 0.0)
+            return api.DeltaResult(0.0, eps, **_EMPTY)
         return api.delta_for_components(
             self.components, eps, self._method, self._order, self._certify, self._pld_interval
         )

@@ -27,7 +27,7 @@ estimate_method="pld" and flagged "expansion_invalid_fell_back_to_pld".
 import dataclasses
 import math
 import time
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 from ewtune_tf.accounting import _validation as v
 from ewtune_tf.accounting import certify as certify_lib
@@ -47,15 +47,13 @@ _MAX_LAMBDA3 = 1.0
 _MAX_LAMBDA4 = 1.2
 
 
-@dataclasses.dataclass(frozen=True)
-class EpsilonResult:
-    """Epsilon for a target delta, with provenance.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Provenance:
+    """How an accounted number was obtained (shared by EpsilonResult and DeltaResult).
 
     Attributes:
-      epsilon: the number to report; a proven upper bound iff `certified`.
-      delta: the target delta.
-      certified: True iff `epsilon` is a proven upper bound.
-      method: the method that produced `epsilon`.
+      certified: True iff the number is a proven upper bound.
+      method: the method that produced the number.
       estimate: the analytic (Edgeworth / tilted) point estimate, or the PLD
         value when the expansion could not vouch for itself.
       estimate_method: "tilted", "edgeworth_order{k}" or "pld".
@@ -65,15 +63,13 @@ class EpsilonResult:
       flags: diagnostics, e.g. ("expansion_invalid_fell_back_to_pld",).
     """
 
-    epsilon: float
-    delta: float
     certified: bool
     method: str
     estimate: float
     estimate_method: str
-    bound: Optional[float]
-    bound_method: Optional[str]
-    seconds: float
+    bound: Optional[float] = None
+    bound_method: Optional[str] = None
+    seconds: float = 0.0
     flags: Tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
@@ -83,24 +79,22 @@ class EpsilonResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class DeltaResult:
-    """Delta for a target epsilon, with provenance (fields as EpsilonResult)."""
+class EpsilonResult(_Provenance):
+    """``epsilon`` for the target ``delta``; a proven upper bound iff ``certified``."""
+
+    epsilon: float
+    delta: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaResult(_Provenance):
+    """``delta`` at the target ``epsilon``; a proven upper bound iff ``certified``.
+
+    (The same provenance fields as :class:`EpsilonResult`.)
+    """
 
     delta: float
     epsilon: float
-    certified: bool
-    method: str
-    estimate: float
-    estimate_method: str
-    bound: Optional[float]
-    bound_method: Optional[str]
-    seconds: float
-    flags: Tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["flags"] = list(self.flags)
-        return d
 
 
 def _method_label(method: str, order: int) -> str:
@@ -170,41 +164,48 @@ def epsilon_for_components(
     pld_interval: Optional[float] = None,
 ) -> EpsilonResult:
     """compute_epsilon for a (possibly heterogeneous) composition."""
-    start = time.perf_counter()
-    est, flags = estimate_epsilon(components, delta, method, order)
+    return _for_components(EpsilonResult, components, delta, method, order, certify, pld_interval)
+
+
+class _Settled(NamedTuple):
+    value: float
+    labels: dict  # certified, method, estimate, estimate_method, bound, bound_method, flags
+
+
+def _settle(est, flags, method, order, certify, upper_bound, pld_interval) -> _Settled:
+    """The reported value from an analytic estimate and the PLD bound.
+
+    Where the expansion cannot vouch for itself (``est`` None), a fine
+    pessimistic PLD is both the estimate and (being pessimistic) a certified
+    bound. With ``certify`` the larger of estimate and bound is reported and
+    certified; otherwise the estimate, labelled uncertified. Shared by
+    epsilon(delta) and delta(epsilon): ``upper_bound(reference=, interval=)``
+    is the matching certified bound.
+    """
     flags = list(flags)
-    bound = bound_method = None
     est_method = _method_label(method, order)
+    b = None
     if est is None:
-        # The expansion cannot vouch for itself: a fine pessimistic PLD is both the
-        # estimate and (being pessimistic) a certified bound.
         flags.append(FALLBACK_FLAG)
-        b = certify_lib.epsilon_upper_bound(components, delta, interval=pld_interval)
+        b = upper_bound(interval=pld_interval)
         est, est_method = b.value, "pld"
-        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
     elif certify:
-        b = certify_lib.epsilon_upper_bound(components, delta, reference=est, interval=pld_interval)
-        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
-    if bound is not None and (certify or est_method == "pld"):
-        if bound >= est:
-            eps, method_used = bound, bound_method
-        else:
-            eps, method_used = est, est_method
-        certified = True
+        b = upper_bound(reference=est, interval=pld_interval)
+    if b is None:
+        value, method_used, bound, bound_method = est, est_method, None, None
     else:
-        eps, method_used, certified = est, est_method, False
-    return EpsilonResult(
-        epsilon=float(eps),
-        delta=float(delta),
-        certified=certified,
+        bound, bound_method = float(b.value), f"{b.method}(interval={b.value_discretization_interval:.2e})"
+        value, method_used = (bound, bound_method) if bound >= est else (est, est_method)
+    labels = dict(
+        certified=b is not None,
         method=method_used,
         estimate=float(est),
         estimate_method=est_method,
-        bound=None if bound is None else float(bound),
+        bound=bound,
         bound_method=bound_method,
-        seconds=time.perf_counter() - start,
         flags=tuple(flags),
     )
+    return _Settled(float(value), labels)
 
 
 def estimate_delta(components: Sequence[pllr.Component], epsilon: float, method: str = "tilted", order: int = 2):
@@ -236,48 +237,26 @@ def estimate_delta(components: Sequence[pllr.Component], epsilon: float, method:
     return min(1.0, max(rem, add)), tuple(flags)
 
 
-def delta_for_components(
-    components: Sequence[pllr.Component],
-    epsilon: float,
-    method: str = "tilted",
-    order: int = 2,
-    certify: bool = True,
-    pld_interval: Optional[float] = None,
-) -> DeltaResult:
-    """compute_delta for a (possibly heterogeneous) composition."""
+def delta_for_components(components: Sequence[pllr.Component], epsilon: float, *args, **kwargs) -> DeltaResult:
+    """compute_delta for a (possibly heterogeneous) composition; the other
+    arguments (method, order, certify, pld_interval) as for
+    :func:`epsilon_for_components`."""
+    return _for_components(DeltaResult, components, epsilon, *args, **kwargs)
+
+
+def _for_components(
+    result_type, components, target, method="tilted", order=2, certify=True, pld_interval=None
+) -> "EpsilonResult | DeltaResult":
+    """epsilon(delta = target) or delta(epsilon = target), by ``result_type``."""
     start = time.perf_counter()
-    est, flags = estimate_delta(components, epsilon, method, order)
-    flags = list(flags)
-    bound = bound_method = None
-    est_method = _method_label(method, order)
-    if est is None:
-        flags.append(FALLBACK_FLAG)
-        b = certify_lib.delta_upper_bound(components, epsilon, interval=pld_interval)
-        est, est_method = b.value, "pld"
-        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
-    elif certify:
-        b = certify_lib.delta_upper_bound(components, epsilon, reference=est, interval=pld_interval)
-        bound, bound_method = b.value, f"{b.method}(interval={b.value_discretization_interval:.2e})"
-    if bound is not None and (certify or est_method == "pld"):
-        if bound >= est:
-            d, method_used = bound, bound_method
-        else:
-            d, method_used = est, est_method
-        certified = True
+    if result_type is EpsilonResult:
+        estimate, upper_bound, names = estimate_epsilon, certify_lib.epsilon_upper_bound, ("epsilon", "delta")
     else:
-        d, method_used, certified = est, est_method, False
-    return DeltaResult(
-        delta=float(d),
-        epsilon=float(epsilon),
-        certified=certified,
-        method=method_used,
-        estimate=float(est),
-        estimate_method=est_method,
-        bound=None if bound is None else float(bound),
-        bound_method=bound_method,
-        seconds=time.perf_counter() - start,
-        flags=tuple(flags),
-    )
+        estimate, upper_bound, names = estimate_delta, certify_lib.delta_upper_bound, ("delta", "epsilon")
+    est, flags = estimate(components, target, method, order)
+    a = _settle(est, flags, method, order, certify, lambda **kw: upper_bound(components, target, **kw), pld_interval)
+    values = {names[0]: a.value, names[1]: float(target)}
+    return result_type(**values, seconds=time.perf_counter() - start, **a.labels)
 
 
 def compute_epsilon(
@@ -304,13 +283,8 @@ def compute_epsilon(
     Returns:
       EpsilonResult; add-or-remove adjacency (max over both directions).
     """
-    q = v.check_sampling_probability(sampling_probability)
-    sigma = v.check_noise_multiplier(noise_multiplier)
-    m = v.check_steps(steps)
-    delta = v.check_delta(delta)
-    method = v.check_method(method)
-    order = v.check_order(order)
-    return epsilon_for_components(((q, sigma, m),), delta, method, order, bool(certify))
+    components, method, order = _checked_composition(sampling_probability, noise_multiplier, steps, method, order)
+    return epsilon_for_components(components, v.check_delta(delta), method, order, bool(certify))
 
 
 def compute_delta(
@@ -324,10 +298,13 @@ def compute_delta(
     certify: bool = True,
 ) -> DeltaResult:
     """Delta of `steps` Poisson-subsampled Gaussian steps at `epsilon` (>= 0)."""
+    components, method, order = _checked_composition(sampling_probability, noise_multiplier, steps, method, order)
+    return delta_for_components(components, v.check_epsilon(epsilon), method, order, bool(certify))
+
+
+def _checked_composition(sampling_probability, noise_multiplier, steps, method, order):
+    """((q, sigma, m),), method, order -- validated (ValueError naming the parameter)."""
     q = v.check_sampling_probability(sampling_probability)
     sigma = v.check_noise_multiplier(noise_multiplier)
     m = v.check_steps(steps)
-    epsilon = v.check_epsilon(epsilon)
-    method = v.check_method(method)
-    order = v.check_order(order)
-    return delta_for_components(((q, sigma, m),), epsilon, method, order, bool(certify))
+    return ((q, sigma, m),), v.check_method(method), v.check_order(order)

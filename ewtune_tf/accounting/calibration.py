@@ -201,14 +201,12 @@ def _paper_sigma(q: float, m: int, target_epsilon: float, target_delta: float):
     """EW-Tune's own grid search: an approximation, never certified."""
     sigma, eps, secs = paper_lib.paper_sigma(q, m, target_epsilon, target_delta)
     res = api.EpsilonResult(
-        epsilon=eps,
-        delta=target_delta,
+        eps,
+        target_delta,
         certified=False,
         method="paper_edgeworth_order1",
         estimate=eps,
         estimate_method="paper_edgeworth_order1",
-        bound=None,
-        bound_method=None,
         seconds=secs,
         flags=("paper_mode_approximation",),
     )

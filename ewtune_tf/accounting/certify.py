@@ -68,8 +68,17 @@ def initial_interval(components: Sequence[pllr.Component]) -> float:
 
 
 def _refine(
-    components, evaluate, reference: Optional[float], interval: Optional[float], max_slack: float, time_budget: float
+    components,
+    evaluate,
+    reference: Optional[float] = None,
+    interval: Optional[float] = None,
+    max_slack: float = MAX_SLACK,
+    time_budget: float = 5.0,
 ) -> PLDBound:
+    """Evaluates ``evaluate(pld)`` on a pessimistic PLD, refining the
+    discretisation (interval / 4 each round) until the value is within
+    ``max_slack`` of ``reference`` (or stops improving), or ``time_budget``
+    seconds pass. A given ``interval`` is used as is (no refinement)."""
     start = time.perf_counter()
     iv = interval if interval is not None else initial_interval(components)
     value = evaluate(build_pld(components, iv))
@@ -91,29 +100,15 @@ def _refine(
     return PLDBound(value, iv, n, time.perf_counter() - start)
 
 
-def epsilon_upper_bound(
-    components: Sequence[pllr.Component],
-    delta: float,
-    reference: Optional[float] = None,
-    interval: Optional[float] = None,
-    max_slack: float = MAX_SLACK,
-    time_budget: float = 5.0,
-) -> PLDBound:
-    """Certified eps(delta) upper bound (pessimistic PLD, max of add/remove)."""
-    return _refine(
-        components, lambda p: float(p.get_epsilon_for_delta(delta)), reference, interval, max_slack, time_budget
-    )
+def epsilon_upper_bound(components: Sequence[pllr.Component], delta: float, **options) -> PLDBound:
+    """Certified eps(delta) upper bound (pessimistic PLD, max of add/remove).
+
+    ``options``: ``reference``, ``interval``, ``max_slack``, ``time_budget``
+    (see :func:`_refine`).
+    """
+    return _refine(components, lambda p: float(p.get_epsilon_for_delta(delta)), **options)
 
 
-def delta_upper_bound(
-    components: Sequence[pllr.Component],
-    epsilon: float,
-    reference: Optional[float] = None,
-    interval: Optional[float] = None,
-    max_slack: float = MAX_SLACK,
-    time_budget: float = 5.0,
-) -> PLDBound:
-    """Certified delta(eps) upper bound (pessimistic PLD, max of add/remove)."""
-    return _refine(
-        components, lambda p: float(p.get_delta_for_epsilon(epsilon)), reference, interval, max_slack, time_budget
-    )
+def delta_upper_bound(components: Sequence[pllr.Component], epsilon: float, **options) -> PLDBound:
+    """Certified delta(eps) upper bound (pessimistic PLD, max of add/remove); ``options`` as above."""
+    return _refine(components, lambda p: float(p.get_delta_for_epsilon(epsilon)), **options)

@@ -152,16 +152,21 @@ def _label(certified: bool) -> str:
     return "certified upper bound" if certified else "ESTIMATE (not a guarantee)"
 
 
+_ACCOUNTANT_OPTIONS = ("method", "order", "certify")
+
+
+def _pick(args: argparse.Namespace, *names: str) -> dict:
+    """``{name: args.name}``: flags passed on to the API under their own names."""
+    return {name: getattr(args, name) for name in names}
+
+
+def _mechanism(args: argparse.Namespace) -> dict:
+    """The composition and accountant options shared by `epsilon` and `delta`."""
+    return _pick(args, "sampling_probability", "noise_multiplier", "steps", *_ACCOUNTANT_OPTIONS)
+
+
 def _epsilon_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    res = api.compute_epsilon(
-        sampling_probability=args.sampling_probability,
-        noise_multiplier=args.noise_multiplier,
-        steps=args.steps,
-        delta=args.delta,
-        method=args.method,
-        order=args.order,
-        certify=args.certify,
-    )
+    res = api.compute_epsilon(delta=args.delta, **_mechanism(args))
     if args.json:
         print(json.dumps(res.to_dict()))
         return 0
@@ -175,15 +180,7 @@ def _epsilon_command(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def _delta_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    res = api.compute_delta(
-        sampling_probability=args.sampling_probability,
-        noise_multiplier=args.noise_multiplier,
-        steps=args.steps,
-        epsilon=args.epsilon,
-        method=args.method,
-        order=args.order,
-        certify=args.certify,
-    )
+    res = api.compute_delta(epsilon=args.epsilon, **_mechanism(args))
     if args.json:
         print(json.dumps(res.to_dict()))
         return 0
@@ -216,15 +213,8 @@ def _calibrate_command(parser: argparse.ArgumentParser, args: argparse.Namespace
     res = calibration.calibrate_noise_multiplier(
         args.target_epsilon,
         args.delta,
-        args.sampling_probability,
-        args.steps,
-        num_examples=args.num_examples,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        method=args.method,
-        order=args.order,
-        certify=args.certify,
-        paper=args.paper,
+        **_pick(args, "sampling_probability", "steps", "num_examples", "batch_size", "epochs", "paper"),
+        **_pick(args, *_ACCOUNTANT_OPTIONS),
     )
     if args.json:
         d = res.to_dict()

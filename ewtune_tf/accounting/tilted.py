@@ -77,32 +77,21 @@ def _lr_terms(w: float, u: float, l3: float, l4: float) -> Tuple[float, float]:
     return first, second
 
 
-def _upper_tail_a(
-    x: float, tilt: float, legendre: float, k2: float, l3: float, l4: float, order: int, centre_cum
+def _tail_a(
+    x: float, tilt: float, legendre: float, k2: float, l3: float, l4: float, order: int, centre_cum, upper: bool
 ) -> Tuple[float, float, float]:
-    """Return (w, A, A_correction) with P(S > x) = phi(w) * A."""
+    """Return (w, A, A_correction) with P(S > x) = phi(w) * A (``upper``), or
+    P(S < x) = phi(w) * A (lower tail: the same expansion with w, and the
+    odd terms, mirrored)."""
     w = math.copysign(math.sqrt(max(2.0 * legendre, 0.0)), tilt)
     if abs(w) < _W_CENTRE or tilt == 0.0:
-        tail = float(edgeworth.sf(x, centre_cum, 3))
+        tail = float(edgeworth.sf(x, centre_cum, 3) if upper else edgeworth.cdf(x, centre_cum, 3))
         return w, tail / (math.exp(-0.5 * w * w) * _INV_SQRT_2PI), 0.0
     u = tilt * math.sqrt(k2)
     first, second = _lr_terms(w, u, l3, l4)
-    corr = second if order >= 2 else 0.0
-    return w, _r(w) + first + corr, corr
-
-
-def _lower_tail_a(
-    x: float, tilt: float, legendre: float, k2: float, l3: float, l4: float, order: int, centre_cum
-) -> Tuple[float, float, float]:
-    """Return (w, A, A_correction) with P(S < x) = phi(w) * A."""
-    w = math.copysign(math.sqrt(max(2.0 * legendre, 0.0)), tilt)
-    if abs(w) < _W_CENTRE or tilt == 0.0:
-        tail = float(edgeworth.cdf(x, centre_cum, 3))
-        return w, tail / (math.exp(-0.5 * w * w) * _INV_SQRT_2PI), 0.0
-    u = tilt * math.sqrt(k2)
-    first, second = _lr_terms(w, u, l3, l4)
-    corr = -second if order >= 2 else 0.0
-    return w, _r(-w) - first + corr, corr
+    sign = 1.0 if upper else -1.0
+    corr = sign * second if order >= 2 else 0.0
+    return w, _r(sign * w) + sign * first + corr, corr
 
 
 def _delta_at_tilt(components, t: float, direction: str, order: int, centre: Tuple[np.ndarray, np.ndarray]):
@@ -120,14 +109,14 @@ def _delta_at_tilt(components, t: float, direction: str, order: int, centre: Tup
     leg_q = s * x - cgf
     if direction == "remove":
         eps = x
-        w_q, a_q, c_q = _upper_tail_a(x, s, leg_q, k2, l3, l4, order, cum_q)
-        w_p, a_p, c_p = _upper_tail_a(x, t, leg_p, k2, l3, l4, order, cum_p)
+        w_q, a_q, c_q = _tail_a(x, s, leg_q, k2, l3, l4, order, cum_q, upper=True)
+        w_p, a_p, c_p = _tail_a(x, t, leg_p, k2, l3, l4, order, cum_p, upper=True)
     else:
         eps = -x
         # Add direction: delta = P_P(S < -eps) - e^eps P_Q(S < -eps), and here
         # e^eps phi(w_Q) = phi(w_P).
-        w_p, a_p, c_p = _lower_tail_a(x, t, leg_p, k2, l3, l4, order, cum_p)
-        w_q, a_q, c_q = _lower_tail_a(x, s, leg_q, k2, l3, l4, order, cum_q)
+        w_p, a_p, c_p = _tail_a(x, t, leg_p, k2, l3, l4, order, cum_p, upper=False)
+        w_q, a_q, c_q = _tail_a(x, s, leg_q, k2, l3, l4, order, cum_q, upper=False)
         a_q, a_p, c_q, c_p = a_p, a_q, c_p, c_q
         w_q, w_p = w_p, w_q
     # delta = phi(w_Q) * (A_Q - A_P) (see module docstring).
