@@ -89,6 +89,9 @@ def read(name):
 
 parts = {k: read(f"{k}.part.json") for k in ("prerequisites", "tests", "benchmark", "main_job")}
 bench = read("train_step.json") or {}
+keep = ("status", "error", "device", "ratio", "peak_memory_ratio", "dp_seconds", "nonprivate_seconds",
+        "dp_examples_per_second", "nonprivate_examples_per_second", "dp_peak_mb", "nonprivate_peak_mb")
+bench = {k: {f: r[f] for f in keep if f in r} for k, r in bench.items() if isinstance(r, dict)}
 ok = {k: r for k, r in bench.items() if isinstance(r, dict) and r.get("status") == "ok"}
 faster = []
 for key, r in ok.items():
