@@ -72,6 +72,8 @@ bench: install
 	mkdir -p bench_results
 	$(BIN)/python benchmarks/accountant.py --json bench_results/accountant.json
 	$(BIN)/python benchmarks/train_step.py --json bench_results/train_step.json
+	$(BIN)/python benchmarks/train_step.py --workload main_job $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) \
+	  --json bench_results/train_step_main_job.json
 	$(BIN)/python benchmarks/audit.py --json bench_results/audit.json
 
 # Re-resolve the lock files (needs the package index; not part of install).

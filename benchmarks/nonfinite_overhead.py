@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_step import minilm_dir  # benchmarks/ is not a package
+from fixed_step import minilm_dir  # benchmarks/ is not a package
 
 
 def _steps(impl: str, batch: int, seq: int):

@@ -212,5 +212,9 @@ def _accumulate(rows: Rows, p: Optional[int], fn, zeros):
         chunk = tf.nest.map_structure(lambda t: _chunk(t, i, p), padded)
         return i + 1, tf.nest.map_structure(tf.add, acc, fn(chunk))
 
-    _, acc = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), zeros))
+    # One chunk at a time: overlapping iterations (the default allows 10) gain
+    # nothing once each chunk's ops use every core, but hold several chunks'
+    # activations at once (+0.5 GB, peak 1.25x the non-private step's, for
+    # MiniLM full fine-tuning; benchmarks/train_step.py --workload main_job).
+    _, acc = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), zeros), parallel_iterations=1)
     return acc
