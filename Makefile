@@ -21,7 +21,7 @@ export TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-tfx train test test-tfx lint format bench lock lock-tfx clean
+.PHONY: install install-tfx train test test-tfx lint format bench gpu-check lock lock-tfx clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,10 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py --workload main_job $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) \
 	  --json bench_results/train_step_main_job.json
 	$(BIN)/python benchmarks/audit.py --json bench_results/audit.json
+
+# The prepared GPU check (one GPU, < 8 min; one JSON summary). GPU_CHECK_FLAGS=--dry-run: tiny shapes on CPU.
+gpu-check: install
+	benchmarks/gpu_check.sh $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) $(GPU_CHECK_FLAGS)
 
 # Re-resolve the lock files (needs the package index; not part of install).
 lock:
