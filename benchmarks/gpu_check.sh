@@ -17,9 +17,10 @@
 # Usage:
 #   benchmarks/gpu_check.sh [--dry-run] [--out DIR] [--glue_dir DIR] [--python PY]
 #
-# --dry-run: on a CPU, in 2-3 minutes: the same three parts at tiny shapes
-# (test collection only; train_step.py --device gpu --tiny; 2 steps of a tiny
-# BERT on the fixture data), and the real main-job command line is parsed and
+# --dry-run: on a CPU, in about 2 CPU-minutes: the same three parts at tiny
+# shapes (test collection only; 2 of train_step.py --device gpu's settings at
+# tiny shapes; 2 steps of a tiny BERT on the fixture data), and the real
+# benchmark and main-job command lines are parsed and
 # validated without running, so that the script cannot rot (CI runs it:
 # tests/benchmarks/test_gpu_check.py). Targets are evaluated but informational.
 #
@@ -197,7 +198,22 @@ fi
 
 # ---- 3. the base-size step benchmark (benchmarks/train_step.py --device gpu)
 if [ "$DRY_RUN" = 1 ]; then
-  part benchmark 300 "$PY" benchmarks/train_step.py --device gpu --tiny --json "$OUT/train_step.json"
+  # The real command line is parsed; then 2 of its 8 settings run at tiny shapes through the
+  # benchmark's own functions (all 8 take ~2 CPU-minutes; tests/benchmarks/test_train_step.py
+  # covers the grid): float32 without XLA and bfloat16 with XLA, the pair the speed target compares.
+  part benchmark 240 "$PY" - "$OUT/train_step.json" <<'PYEOF'
+import dataclasses, json, sys
+sys.path.insert(0, "benchmarks")
+import fixed_step, train_step
+args = train_step.build_parser().parse_args(["--device", "gpu", "--json", sys.argv[1]])
+results = {}
+for key, spec in train_step.gpu_specs(tiny=True, steps=1).items():
+    if "_b4_" in key and key.endswith(("_fp32_noxla", "_bf16_xla")):
+        r = fixed_step.measure_or_error(spec)
+        results[key] = {**dataclasses.asdict(spec), **r, "status": "error" if "error" in r else "ok"}
+assert len(results) == 2, sorted(results)
+open(sys.argv[1], "w").write(json.dumps(results, indent=2, sort_keys=True))
+PYEOF
 else
   part benchmark "$PART_TIMEOUT_BENCH" "$PY" benchmarks/train_step.py --device gpu --json "$OUT/train_step.json"
 fi
