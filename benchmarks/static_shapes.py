@@ -22,7 +22,6 @@ with numpy from a public seed (a benchmark, not a training run). Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict
@@ -34,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ewtune_tf.recipe import FinetuneConfig
+from ewtune_tf.utils.files import atomic_write_json
 
 
 def token_lengths(config: FinetuneConfig, glue_dir: str) -> np.ndarray:
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     print(f"static batches: {rows} rows x {config.sequence_length} tokens; overflows in {args.steps} draws: "
           f"{result['overflows']}")  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
+        atomic_write_json(args.json, result)
     return 0
 
 
