@@ -21,7 +21,7 @@ export TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-tfx train test test-tfx lint format bench gpu-check lock lock-tfx clean
+.PHONY: install install-tfx train test test-tfx lint format bench gpu-check paper-plan paper-table lock lock-tfx clean
 
 install: $(VENV)/.installed
 
@@ -79,6 +79,17 @@ bench: install
 # The prepared GPU check (one GPU, < 8 min; one JSON summary). GPU_CHECK_FLAGS=--dry-run: tiny shapes on CPU.
 gpu-check: install
 	benchmarks/gpu_check.sh $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) $(GPU_CHECK_FLAGS)
+
+# The EW-Tune experiment (README, "The EW-Tune experiment"): sigma chosen by each rule
+# (rdp, edgeworth_paper, certified) for the main job at eps 8, 3, 1 and the certified
+# eps that sigma gives. paper-plan trains nothing (seconds); paper-table trains the 9
+# runs (hours on a CPU), writing the JSON after each run; rerun it to resume.
+paper-plan: install
+	$(BIN)/python benchmarks/paper_table.py --plan_only $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) $(PAPER_FLAGS)
+
+paper-table: install
+	nice -n 10 $(BIN)/python benchmarks/paper_table.py $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) \
+	  --json runs/paper_table/sst2.json --markdown runs/paper_table/sst2.md $(PAPER_FLAGS)
 
 # Re-resolve the lock files (needs the package index; not part of install).
 lock:

@@ -31,8 +31,10 @@ process) that traces and runs both steps, then times them *interleaved*, so
 that load from other processes on a shared machine hits both alike.
 ``ratio`` is DP time / non-private time of the same process;
 ``peak_memory_ratio`` is DP peak / non-private peak (device memory on a GPU;
-on a CPU the process peak RSS, whose DP figure also covers the non-private
-phase: an upper bound on the DP step's own ratio).
+on a CPU the process peak RSS: for ``fixed``, whose DP figure also covers the
+non-private phase, an upper bound on the DP step's own ratio; for
+``main_job``, measured in two more processes that each run only one of the
+two steps, so each step's optimizer state and graph count only for it).
 
 Usage::
 
@@ -198,9 +200,29 @@ def run_main_job(args) -> Dict[str, Dict]:
         if args.quick:
             cfg = dataclasses.replace(cfg, **QUICK_MAIN_JOB)
         r = _subprocess("main_job", dataclasses.asdict(cfg), args.timeout)
+        if "error" not in r:
+            r.update(_main_job_memory(cfg, args.timeout))
         results[f"main_job_{setting}"] = r
         print(f"[main_job_{setting}] {_fmt(r)}", flush=True)
     return results
+
+
+def _main_job_memory(cfg: "main_job.MainJobConfig", timeout: float) -> Dict:
+    """Peak memory of each step in a process of its own (model, data and only
+    that step's optimizer state and graph), so neither step's footprint is
+    counted against the other's; whole-process RSS, tracing included."""
+    peak = {}
+    for only in ("nonprivate", "dp"):
+        r = _subprocess("main_job", dataclasses.asdict(dataclasses.replace(cfg, only=only, cost_split=False)), timeout)
+        if "error" in r:
+            return {"memory_error": r["error"]}
+        peak[only] = r["peak_rss_mb"]
+    return {
+        "nonprivate_peak_rss_mb": peak["nonprivate"],
+        "peak_rss_mb": peak["dp"],
+        "peak_memory_ratio": peak["dp"] / peak["nonprivate"],
+        "memory_source": "process peak RSS (ru_maxrss), one process per step",
+    }
 
 
 def print_main_job_table(results: Dict[str, Dict]) -> None:

@@ -43,7 +43,7 @@ import sys
 from typing import Optional, Sequence
 
 from ewtune_tf.recipe.config import FinetuneConfig
-from ewtune_tf.recipe.settings import ConfigError, add_arguments, config_from_arguments, flag_name
+from ewtune_tf.recipe.settings import ConfigError, add_arguments, cli_error, config_from_arguments
 
 PROG = "ewtune-train"
 # The main job's settings (FinetuneConfig's defaults) as a dict, for scripts
@@ -85,13 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         result = finetune(config_from_arguments(FinetuneConfig, args))
-    except ConfigError as e:
-        parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: {e.render(flag_name)}", file=sys.stderr)
-        return 2
-    except (GlueDataError, BatchOverflowError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    except (ConfigError, GlueDataError, BatchOverflowError) as e:
+        return cli_error(parser, e)
     summary = result.summary()
     _print_summary(dict(summary, dev_accuracy_by_split=result.metrics["dev_accuracy_by_split"]))
     print(json.dumps(summary), flush=True)  # The last line (Infinity for the non-private baseline).

@@ -10,6 +10,7 @@ way the caller's user spells it (``--batch_size``,
 
 import dataclasses
 import re
+import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 from ewtune_tf.utils import checks
@@ -218,6 +219,19 @@ def add_arguments(parser, config_class, only: Optional[Sequence[str]] = None) ->
             default=default,
             help=f"{s.help} Allowed: {s.check.describe()}. Default: {shown}.",
         )
+
+
+def cli_error(parser, error: Exception) -> int:
+    """Prints ``error`` as argparse does (``<prog>: error: ...`` on stderr) and
+    returns the command's exit status: 2 for a bad setting (a ConfigError,
+    after the usage line, naming the flag), 1 for anything else (missing data,
+    a model that cannot be loaded)."""
+    if isinstance(error, ConfigError):
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {error.render(flag_name)}", file=sys.stderr)
+        return 2
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    return 1
 
 
 def config_from_arguments(config_class, namespace):

@@ -2,6 +2,7 @@
 a tiny BERT and fixture data and return self-describing results. No timing
 assertions (speed is measured by the benchmark itself, not by tests)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -49,6 +50,9 @@ def test_main_job_runs_the_trainers_path_and_splits_the_cost(tiny_preset):
     assert split["chunks"] == r["chunks"]
     json.dumps(r)  # JSON-serializable
     train_step.print_main_job_table({"main_job_full": r})
+    # The memory-only mode runs one of the two steps and reports its process peak.
+    only = main_job.run(dataclasses.replace(cfg, only="dp"))
+    assert only["only"] == "dp" and only["peak_rss_mb"] > 0 and len(only["seconds"]) == 2
 
 
 def test_gpu_settings_are_self_describing_and_shrink_for_cpu(capsys):
