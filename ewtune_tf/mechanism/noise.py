@@ -176,25 +176,12 @@ class SeededQuantileAdaptiveClipSumQuery(tf_privacy.QuantileAdaptiveClipSumQuery
     """QuantileAdaptiveClipSumQuery with both Gaussian noises from stateless
     seeds (see module docstring: noise must not follow TF's global seed)."""
 
-    def __init__(
-        self,
-        initial_l2_norm_clip,
-        noise_multiplier,
-        target_unclipped_quantile,
-        learning_rate,
-        clipped_count_stddev,
-        expected_num_records,
-        seed,
-    ):
-        super().__init__(
-            initial_l2_norm_clip,
-            noise_multiplier,
-            target_unclipped_quantile,
-            learning_rate,
-            clipped_count_stddev,
-            expected_num_records,
-            geometric_update=True,
-        )
+    def __init__(self, *args, seed, **kwargs):
+        """``QuantileAdaptiveClipSumQuery``'s arguments (``initial_l2_norm_clip,
+        noise_multiplier, target_unclipped_quantile, learning_rate,
+        clipped_count_stddev, expected_num_records``), geometric updates, and
+        the stateless ``seed``."""
+        super().__init__(*args, geometric_update=True, **kwargs)
         try:
             below = self._quantile_estimator_query._below_estimate_query
             old = below._numerator
@@ -237,7 +224,7 @@ def add_gaussian_noise_adaptive(
         learning_rate,
         clipped_count_stddev,
         expected_records,
-        seed,
+        seed=seed,
     )
     template = [tf.cast(g, tf.float32) for g in clipped_sum]
     global_state = query.initial_global_state()

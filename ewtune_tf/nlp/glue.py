@@ -46,22 +46,30 @@ class GlueTask:
       text_keys: canonical feature names of the text inputs, in model input
         order (one for single-sentence tasks, two for pairs). These are the
         TFDS feature names, and the input names of the serving signature.
-      tsv_text_columns: header names of the same columns in the GLUE TSVs.
-      tsv_label_column: header name of the label column in the GLUE TSVs.
       label_names: class names; a label's integer id is its index here
         (the same ids TFDS uses).
-      splits: split name -> (TSV file stem, TFDS split name).
+      tsv_text_columns: header names of the same columns in the GLUE TSVs
+        (default: ``text_keys``).
+      tsv_label_column: header name of the label column in the GLUE TSVs.
+      splits: split name -> (TSV file stem, TFDS split name); by default
+        GLUE's ``train`` and ``dev`` (TFDS ``validation``).
       dev_splits: the evaluation splits, main one first.
     """
 
     name: str
     dir_name: str
     text_keys: Tuple[str, ...]
-    tsv_text_columns: Tuple[str, ...]
-    tsv_label_column: str
     label_names: Tuple[str, ...]
-    splits: Dict[str, Tuple[str, str]]
-    dev_splits: Tuple[str, ...]
+    tsv_text_columns: Tuple[str, ...] = ()
+    tsv_label_column: str = "label"
+    splits: Dict[str, Tuple[str, str]] = dataclasses.field(
+        default_factory=lambda: {"train": ("train", "train"), "dev": ("dev", "validation")}
+    )
+    dev_splits: Tuple[str, ...] = ("dev",)
+
+    def __post_init__(self):
+        if not self.tsv_text_columns:
+            object.__setattr__(self, "tsv_text_columns", self.text_keys)
 
     @property
     def num_classes(self) -> int:
@@ -82,33 +90,15 @@ class GlueTask:
 
 
 TASKS: Dict[str, GlueTask] = {
-    "sst2": GlueTask(
-        name="sst2",
-        dir_name="SST-2",
-        text_keys=("sentence",),
-        tsv_text_columns=("sentence",),
-        tsv_label_column="label",
-        label_names=("negative", "positive"),
-        splits={"train": ("train", "train"), "dev": ("dev", "validation")},
-        dev_splits=("dev",),
-    ),
-    "qnli": GlueTask(
-        name="qnli",
-        dir_name="QNLI",
-        text_keys=("question", "sentence"),
-        tsv_text_columns=("question", "sentence"),
-        tsv_label_column="label",
-        label_names=("entailment", "not_entailment"),
-        splits={"train": ("train", "train"), "dev": ("dev", "validation")},
-        dev_splits=("dev",),
-    ),
+    "sst2": GlueTask("sst2", "SST-2", ("sentence",), ("negative", "positive")),
+    "qnli": GlueTask("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment")),
     "mnli": GlueTask(
-        name="mnli",
-        dir_name="MNLI",
-        text_keys=("premise", "hypothesis"),
+        "mnli",
+        "MNLI",
+        ("premise", "hypothesis"),
+        ("entailment", "neutral", "contradiction"),
         tsv_text_columns=("sentence1", "sentence2"),
         tsv_label_column="gold_label",
-        label_names=("entailment", "neutral", "contradiction"),
         splits={
             "train": ("train", "train"),
             "dev_matched": ("dev_matched", "validation_matched"),
@@ -117,14 +107,7 @@ TASKS: Dict[str, GlueTask] = {
         dev_splits=("dev_matched", "dev_mismatched"),
     ),
     "qqp": GlueTask(
-        name="qqp",
-        dir_name="QQP",
-        text_keys=("question1", "question2"),
-        tsv_text_columns=("question1", "question2"),
-        tsv_label_column="is_duplicate",
-        label_names=("not_duplicate", "duplicate"),
-        splits={"train": ("train", "train"), "dev": ("dev", "validation")},
-        dev_splits=("dev",),
+        "qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), tsv_label_column="is_duplicate"
     ),
 }
 
