@@ -21,7 +21,7 @@ export TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-tfx train test test-tfx lint format bench paper-plan paper-table lock lock-tfx clean
+.PHONY: install install-tfx train test test-tfx lint format bench gpu-check paper-plan paper-table lock lock-tfx clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,10 @@ bench: install
 	  --json bench_results/train_step_main_job.json
 	$(BIN)/python benchmarks/multi_worker.py --json bench_results/multi_worker.json
 	$(BIN)/python benchmarks/audit.py --json bench_results/audit.json
+
+# The prepared GPU check (one GPU, < 8 min; one JSON summary). GPU_CHECK_FLAGS=--dry-run: tiny shapes on CPU.
+gpu-check: install
+	benchmarks/gpu_check.sh $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR)) $(GPU_CHECK_FLAGS)
 
 # The EW-Tune experiment (README, "The EW-Tune experiment"): sigma chosen by each rule
 # (rdp, edgeworth_paper, certified) for the main job at eps 8, 3, 1 and the certified

@@ -13,10 +13,16 @@ checkpoints and resume work, is documented in ``ewtune_tf.recipe.finetuning``
 and ``ewtune_tf.recipe.checkpoint``.
 
 Exit status 2 and a message naming the flag and its allowed range for a bad
-setting (before anything is loaded or written); 1 for missing data; 138 when
-another worker of a ``--strategy multi_worker`` run stopped (Kubeflow's
-``restartPolicy: ExitCode`` retries it; rerunning every worker resumes). Run it
-once per host with ``TF_CONFIG`` set; see ``docs/distributed.md``.
+setting (before anything is loaded or written); 1 for missing data, or when
+a padded Poisson batch overflows under --jit_compile / --strategy tpu (rerun
+to resume); 138 when another worker of a ``--strategy multi_worker`` run
+stopped (Kubeflow's ``restartPolicy: ExitCode`` retries it; rerunning every
+worker resumes). Run it once per host with ``TF_CONFIG`` set; see
+``docs/distributed.md``.
+
+GPU and TPU: ``--precision mixed_bfloat16`` and ``--jit_compile`` (XLA on
+static shapes; ``ewtune_tf.recipe.compute``); ``benchmarks/gpu_check.sh``
+runs the GPU check.
 
 Outputs in --output_dir: privacy_report.json (the ``ewtune_tf.privacy``
 report schema), metrics.json, epsilon_history.json, TensorBoard logs,
@@ -78,12 +84,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ewtune_tf.nlp.glue import GlueDataError
-    from ewtune_tf.recipe import finetune
+    from ewtune_tf.recipe import BatchOverflowError, finetune
     from ewtune_tf.recipe.cluster import WORKER_LOST_EXIT_CODE, WorkerLost
 
     try:
         result = finetune(config_from_arguments(FinetuneConfig, args))
-    except (ConfigError, GlueDataError) as e:
+    except (ConfigError, GlueDataError, BatchOverflowError) as e:
         return cli_error(parser, e)
     except WorkerLost as e:
         cli_error(parser, e)  # Printed as any error; the status is the retryable one.

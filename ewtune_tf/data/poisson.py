@@ -68,14 +68,7 @@ def auto_max_batch_size(
     num_examples: int, sampling_probability: float, total_steps: int, overflow_tolerance: float = 1e-9
 ) -> int:
     """Smallest M with total_steps * P[Binomial(N, q) > M] <= overflow_tolerance."""
-    from scipy import stats
-
-    n, q = int(num_examples), float(sampling_probability)
-    per_step = overflow_tolerance / max(1, int(total_steps))
-    m = int(stats.binom.isf(per_step, n, q))
-    while m < n and stats.binom.sf(m, n, q) > per_step:
-        m += 1
-    return min(max(m, 1), n)
+    return report_lib.smallest_max_batch_size(num_examples, sampling_probability, total_steps, overflow_tolerance)
 
 
 def overflow_probability_bound(

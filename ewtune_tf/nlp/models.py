@@ -402,7 +402,7 @@ def sort_by_length(x, y, w):
     return (tf.nest.map_structure(lambda t: tf.gather(t, order), x), tf.gather(y, order), tf.gather(w, order))
 
 
-def dynamic_padding_model(classifier):
+def dynamic_padding_model(classifier, *, trim: bool = True):
     """Wraps ``classifier`` in a Keras model that cuts the padding columns
     past the longest row of each call before calling it.
 
@@ -410,22 +410,27 @@ def dynamic_padding_model(classifier):
     then runs at its own length (the cut is inside the graph, so one trace
     serves every length). Logits are unchanged (absolute positions, padded
     positions masked). The wrapper has no weights of its own.
+
+    ``trim=False``: no cut; every call runs at the input's full width (static
+    shapes, for XLA and TPUs, where a data-dependent width is a dynamic shape).
     """
     import keras
     import tensorflow as tf
 
     class DynamicPaddingClassifier(keras.Model):
-        def __init__(self, inner, **kwargs):
+        def __init__(self, inner, trim=True, **kwargs):
             super().__init__(**kwargs)
-            self.inner = inner
+            self.inner, self.trim = inner, trim
 
         def call(self, x, training=False):
-            mask = tf.cast(x["padding_mask"], tf.int32)
-            width = tf.maximum(tf.reduce_max(tf.reduce_sum(mask, axis=1)), 1)
-            x = {k: v[:, :width] for k, v in x.items()}
+            if self.trim:
+                mask = tf.cast(x["padding_mask"], tf.int32)
+                width = tf.maximum(tf.reduce_max(tf.reduce_sum(mask, axis=1)), 1)
+                x = {k: v[:, :width] for k, v in x.items()}
             return self.inner(x, training=training)
 
-    return DynamicPaddingClassifier(classifier, name="dynamic_padding_classifier")
+    name = "dynamic_padding_classifier" if trim else "full_width_classifier"
+    return DynamicPaddingClassifier(classifier, trim, name=name)
 
 
 def save_tiny_bert_preset(

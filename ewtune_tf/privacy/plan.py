@@ -13,6 +13,7 @@ Methods:
   ``calibrate(rule)``    the plan with sigma chosen by ``rule`` (see NOISE_RULES).
   ``dp_event(steps)``    the ``dp_accounting`` event that is accounted.
   ``epsilon(steps)``     the accountant's EpsilonResult after ``steps`` steps.
+  ``bounded_batch_size`` the smallest max_batch_size whose overflow adds at most a given delta.
   ``report(steps, run)`` the privacy report (``ewtune_tf.privacy.report``).
 
 Pure Python + numpy/scipy/dp_accounting: TFX pipeline code, the privacy gate
@@ -199,6 +200,20 @@ class PrivacyPlan:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if eps(mid) <= target_epsilon else (lo, mid)
         return lo
+
+    def bounded_batch_size(self, delta_budget: float, multiple: int = 1) -> int:
+        """The smallest ``max_batch_size`` (a multiple of ``multiple``, or N) for
+        which Poisson batches bounded by it (an overflow aborts the run) add at
+        most ``delta_budget`` to delta over the planned steps: the report's
+        ``delta_batch_overflow``, (1 + e^epsilon) * P[overflow], at this plan's
+        certified epsilon."""
+        if self.num_examples is None:
+            raise ValueError("num_examples: unknown; bounded batch sizes need the dataset size N.")
+        from ewtune_tf.privacy import report
+
+        eps = float(self.epsilon().epsilon)
+        q, n = self.sampling_probability, self.num_examples
+        return report.bounded_batch_size(n, q, self.steps, eps, delta_budget, multiple)
 
     def report(self, steps_taken: int, run=None) -> Dict[str, Any]:
         """The privacy report after ``steps_taken`` noise releases; ``run`` is a

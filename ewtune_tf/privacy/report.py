@@ -239,17 +239,55 @@ def overflow_probability(num_examples: int, sampling_probability: float, steps: 
     return min(1.0, p * max(1, int(steps)))
 
 
+def smallest_max_batch_size(num_examples: int, sampling_probability: float, steps: int, tolerance: float) -> int:
+    """Smallest M in [1, num_examples] with ``overflow_probability(num_examples, q, steps, M) <= tolerance``
+    (``num_examples`` when none is)."""
+    from scipy import stats
+
+    n, q = int(num_examples), float(sampling_probability)
+    per_step = float(tolerance) / max(1, int(steps))
+    m = int(stats.binom.isf(per_step, n, q))
+    while m < n and overflow_probability(n, q, steps, m) > tolerance:
+        m += 1
+    return min(max(m, 1), n)
+
+
+def overflow_delta(
+    num_examples: int, sampling_probability: float, steps: int, max_batch_size: int, epsilon: float
+) -> float:
+    """(1 + e^epsilon) * p, p the overflow probability of ``steps`` batches bounded by
+    ``max_batch_size`` on the dataset's neighbour with one more example (N + 1).
+
+    Coupling: the bounded run (an overflow aborts it) and the unbounded one
+    differ only when a batch overflows, for the dataset and its neighbour, so
+    (epsilon, delta) becomes (epsilon, delta + (1 + e^epsilon) p)."""
+    p = overflow_probability(int(num_examples) + 1, float(sampling_probability), steps, int(max_batch_size))
+    return min(1.0, (1.0 + math.exp(min(float(epsilon), 700.0))) * p)
+
+
+def bounded_batch_size(
+    num_examples: int, sampling_probability: float, steps: int, epsilon: float, delta_budget: float, multiple: int = 1
+) -> int:
+    """The smallest ``max_batch_size`` that is a multiple of ``multiple`` (or N)
+    whose :func:`overflow_delta` after ``steps`` steps at ``epsilon`` is <= ``delta_budget``.
+
+    Rounding up to a multiple only lowers the overflow probability."""
+    checks.check_real("delta_budget", delta_budget, 0.0, 1.0)
+    checks.check_int("multiple", multiple, 1)
+    n = int(num_examples)
+    tolerance = delta_budget / (1.0 + math.exp(min(float(epsilon), 700.0)))
+    m = smallest_max_batch_size(n + 1, sampling_probability, steps, tolerance)
+    return min(n, -(-m // multiple) * multiple)
+
+
 def _overflow_delta(plan, sampler, steps: int, eps: Optional[float]) -> Optional[float]:
-    """(1 + e^eps) * p: coupling the bounded run with the unbounded one, which
-    differ only when a batch overflows, for the dataset and its neighbour
-    (one more example, so N + 1 in p)."""
+    """:func:`overflow_delta` of the bounded batches that ran (0 for unbounded ones)."""
     m = None if sampler is None else sampler.get("max_batch_size")
     if m is None or steps == 0:
         return 0.0
     if eps is None:
         return None
-    p = overflow_probability(int(sampler["num_examples"]) + 1, float(sampler["sampling_probability"]), steps, int(m))
-    return min(1.0, (1.0 + math.exp(min(eps, 700.0))) * p)
+    return overflow_delta(int(sampler["num_examples"]), float(sampler["sampling_probability"]), steps, int(m), eps)
 
 
 def history_entry(epoch: int, steps: int, result) -> Dict[str, Any]:

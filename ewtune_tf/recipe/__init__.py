@@ -17,6 +17,7 @@ Modules:
   data          ``TextExamples`` and the GLUE loading.
   optimization  the optimizer from the plan, learning rate, EMA, head clip share.
   checkpoint    checkpoint/resume (sidecar, mismatch refusal, kill safety).
+  compute       precision policy, XLA, static shapes (padded Poisson batches), replicas.
   monitoring    progress lines, TensorBoard scalars, the privacy plot.
   finetuning    ``finetune()`` and ``FinetuneResult``.
 
@@ -26,6 +27,7 @@ Names are resolved lazily, so importing the config does not import TensorFlow.
 from ewtune_tf.utils.lazy import lazy_getattr
 
 _LAZY = {
+    "BatchOverflowError": "ewtune_tf.recipe.compute",
     "ConfigError": "ewtune_tf.recipe.settings",
     "FinetuneConfig": "ewtune_tf.recipe.config",
     "FinetuneResult": "ewtune_tf.recipe.finetuning",

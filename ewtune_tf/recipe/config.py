@@ -51,6 +51,14 @@ from ewtune_tf.recipe.settings import (
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 LR_SCHEDULES = ("constant", "linear")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # Keras dtype policies
+# Static shapes (XLA, TPU): each Poisson batch is padded to a fixed number of
+# rows; a batch above it aborts the run. That event's (1 + e^eps) * P[overflow]
+# is paid from this share of --delta (the accountant runs at the rest), so the
+# report's delta stays <= --delta. The row count is a multiple of this (whole
+# per-replica shards on 1, 2, 4 or 8 replicas).
+STATIC_BATCH_DELTA_SHARE = 1e-3
+STATIC_BATCH_MULTIPLE = 8
 
 
 def _clipping_choices():
@@ -171,7 +179,24 @@ class FinetuneConfig:
     seed: int = setting(
         0, Int(0), "Seed of initialisation and data order. The DP sampling and noise seeds are always secret."
     )
-    strategy: str = setting("default", Choice(STRATEGIES), "tf.distribute strategy.")
+    # ---- compute
+    strategy: str = setting(
+        "default", Choice(STRATEGIES), "tf.distribute strategy; tpu runs the static shapes of --jit_compile."
+    )
+    precision: str = setting(
+        "float32",
+        Choice(PRECISIONS),
+        "Keras dtype policy of the model: float32; mixed_bfloat16 (bfloat16 compute, float32 weights; the "
+        "clipped sum, the noise and the update stay float32); mixed_float16 only with --no_dp (private "
+        "float16 would need loss scaling that reacts to un-noised gradients).",
+    )
+    jit_compile: bool = setting(
+        False,
+        Flag(),
+        "Compile the train step with XLA, on static shapes: every Poisson batch padded to one row count (a "
+        "larger batch aborts the run; a thousandth of --delta is reserved for that event) at the full "
+        "sequence_length (no dynamic padding).",
+    )
     # ---- outputs
     output_dir: str = setting("runs/glue", Text(), "Reports, metrics, TensorBoard logs, plots, checkpoints.", tfx=False)
     export_dir: str = setting("saved_models", Text(), "SavedModel repository root (<dir>/<name>/<version>).", tfx=False)
@@ -193,6 +218,34 @@ class FinetuneConfig:
             object.__setattr__(self, name, value)
         if self.trainable_layers is not None and self.lora_rank != 0:
             raise ConfigError("{trainable_layers} is used only with {lora_rank} 0", "trainable_layers", "lora_rank")
+        if self.precision == "mixed_float16" and not self.no_dp:
+            raise ConfigError(
+                "{precision} mixed_float16 is refused for private training: float16 gradients need dynamic loss "
+                "scaling, whose skipped steps and scale changes depend on the un-noised per-example gradients. "
+                "Use {precision} mixed_bfloat16 (no loss scaling needed) or float32.",
+                "precision",
+            )
+
+    @property
+    def static_shapes(self) -> bool:
+        """XLA (``jit_compile``) or a TPU: batches of one fixed shape (see ``static_batch_rows``)."""
+        return self.jit_compile or self.strategy == "tpu"
+
+    @property
+    def accountant_delta(self) -> float:
+        """The delta epsilon is computed at: ``delta``, less ``STATIC_BATCH_DELTA_SHARE``
+        of it under static shapes (reserved for a batch overflow)."""
+        if self.static_shapes and not self.no_dp:
+            return self.delta * (1.0 - STATIC_BATCH_DELTA_SHARE)
+        return self.delta
+
+    def static_batch_rows(self, plan: PrivacyPlan) -> Optional[int]:
+        """Rows of every padded Poisson batch under static shapes, None otherwise:
+        the smallest multiple of ``STATIC_BATCH_MULTIPLE`` (or N) whose overflow
+        adds at most ``delta - accountant_delta`` to the report's delta."""
+        if not (self.static_shapes and plan.private):
+            return None
+        return plan.bounded_batch_size(self.delta - plan.delta, STATIC_BATCH_MULTIPLE)
 
     def replace(self, **changes) -> "FinetuneConfig":
         return dataclasses.replace(self, **changes)
@@ -238,7 +291,7 @@ class FinetuneConfig:
         plan = PrivacyPlan(q, self.l2_norm_clip, num_examples=n, expected_batch_size=float(self.batch_size))
         steps = plan.steps_for(self.epochs)
         steps = steps if self.max_steps is None else min(steps, self.max_steps)
-        common = dict(steps=steps, delta=self.delta, accountant=self.accountant)
+        common = dict(steps=steps, delta=self.accountant_delta, accountant=self.accountant)
         if self.no_dp:
             return plan.replace(noise_multiplier=0.0, l2_norm_clip=math.inf, sampling="shuffle", **common)
         if self.noise_multiplier is not None:
@@ -276,12 +329,14 @@ PLAN_SOURCES: Dict[str, Tuple[str, ...]] = {
         "noise_multiplier",
         "noise_multiplier_rule",
         "no_dp",
+        "jit_compile",
+        "strategy",
     ),
     "steps": ("epochs", "max_steps", "batch_size"),
     "num_examples": ("max_train_examples",),
     "expected_batch_size": ("batch_size",),
     "target_epsilon": ("epsilon",),
-    "delta": ("delta",),
+    "delta": ("delta", "jit_compile", "strategy"),
     "accountant": ("accountant",),
     "sampling": ("no_dp",),
     "noise_multiplier_rule": ("noise_multiplier", "noise_multiplier_rule"),

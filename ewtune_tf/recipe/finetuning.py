@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from ewtune_tf.privacy import PrivacyPlan, Release, RunFacts
 from ewtune_tf.recipe import checkpoint as ckpt_lib
 from ewtune_tf.recipe import cluster as cluster_lib
-from ewtune_tf.recipe import monitoring
+from ewtune_tf.recipe import compute, monitoring
 from ewtune_tf.recipe import optimization as opt_lib
 from ewtune_tf.recipe.config import FinetuneConfig
 from ewtune_tf.recipe.data import TextExamples, resolve_data
@@ -112,6 +112,7 @@ class _Run:
     plan: PrivacyPlan
     resume_state: Optional[Dict[str, Any]]
     t_start: float
+    static_rows: Optional[int] = None  # rows of every padded Poisson batch (static shapes), or None
     objects: Dict[str, Any] = dataclasses.field(default_factory=dict)
     facts: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -145,12 +146,16 @@ def finetune(config: FinetuneConfig, train=None, dev=None) -> FinetuneResult:
     Raises:
       ConfigError: a setting is out of range or inconsistent with the data or
         an existing checkpoint (raised before anything is written).
+      BatchOverflowError: under static shapes, a Poisson batch exceeded the
+        static row count (an event the report's delta accounts for); rerun
+        to resume.
     """
     run = _prepare(config, train, dev, time.perf_counter())
     try:
         _build(run)
         with cluster_lib.worker_loss(run.objects.get("cluster"), config.output_dir):
-            _train(run)
+            with compute.overflow_as_error(run.static_rows, config.delta - run.plan.delta):
+                _train(run)
         return _finish(run)
     finally:
         if "cluster" in run.objects:
@@ -189,7 +194,14 @@ def _prepare(config: FinetuneConfig, train, dev, t_start: float) -> _Run:
     else:
         _log("[privacy] no_dp: NON-PRIVATE baseline (no clipping, no noise); no epsilon.")
     state = ckpt_lib.decide_resume(config, plan)
-    return _Run(config, train, devs, num_classes, tuple(label_names), plan, state, t_start)
+    rows = config.static_batch_rows(plan)
+    if config.static_shapes:
+        _log(
+            f"[shapes] static: {f'Poisson batches padded to {rows} rows' if rows else 'fixed-size batches'} "
+            f"x {config.sequence_length} tokens (no dynamic padding)"
+            + (f"; a larger batch aborts the run (adds <= {config.delta - plan.delta:.3g} to delta)" if rows else "")
+        )
+    return _Run(config, train, devs, num_classes, tuple(label_names), plan, state, t_start, rows)
 
 
 def _make_strategy(name: str):
@@ -234,24 +246,25 @@ def _build_classifier(run: _Run):
 
 
 def _build(run: _Run) -> None:
-    """The classifier, the tokens and the compiled (private) training model."""
+    """The classifier (under the config's dtype policy), the tokens and the compiled (private) training model."""
     import keras
 
     from ewtune_tf.nlp import models
-    from ewtune_tf.training import make_private
 
     c, o = run.config, run.objects
     keras.utils.set_random_seed(c.seed)
     o["strategy"] = strategy = _make_strategy(c.strategy)
     o["cluster"] = cluster_lib.Cluster.of(strategy, c.output_dir)
     _log(f"[cluster] {c.strategy}: {run.cluster.describe()}")
-    with strategy.scope():
+    compute.check_replicas(run.static_rows, strategy.num_replicas_in_sync)
+    with compute.precision_policy(c.precision), strategy.scope():
         o["classifier"] = classifier = _build_classifier(run)
     params = models.count_parameters(classifier)
     run.facts.update(trainable_parameters=params["trainable"], total_parameters=params["total"])
     _log(
         f"[model] {c.model} ({type(classifier).__name__}): {params['trainable']:,} trainable / "
-        f"{params['total']:,} parameters (lora_rank={c.lora_rank}, trainable_layers={c.trainable_layers})"
+        f"{params['total']:,} parameters (lora_rank={c.lora_rank}, trainable_layers={c.trainable_layers}, "
+        f"precision={c.precision}, jit_compile={c.jit_compile})"
     )
     t0 = time.perf_counter()
     o["train_tokens"] = models.tokenize(classifier.preprocessor, run.train.texts)
@@ -260,16 +273,31 @@ def _build(run: _Run) -> None:
         f"[tokens] {len(run.train)} train and {sum(map(len, run.devs.values()))} dev examples in "
         f"{time.perf_counter() - t0:.1f}s"
     )  # No statistics of the training texts: they are private.
-    with strategy.scope():
-        o["model"] = model = models.dynamic_padding_model(classifier)
-        o["optimizer"] = optimizer = opt_lib.make_optimizer(c, run.plan, classifier, run.plan.steps)
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")] if c.report_train_metrics else None
-        model.compile(
-            optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=metrics
-        )
-        if run.plan.private:
-            make_private(model, physical_batch_size=c.physical_batch_size, report_train_metrics=c.report_train_metrics)
-    o["counter"] = ckpt_lib.StepCounter(optimizer, run.plan.private, opt_lib.accumulation_steps(c))
+    with compute.precision_policy(c.precision), strategy.scope():
+        _compile(run)
+    o["counter"] = ckpt_lib.StepCounter(o["optimizer"], run.plan.private, opt_lib.accumulation_steps(c))
+
+
+def _compile(run: _Run) -> None:
+    """The training model (dynamic padding, or the full width under static
+    shapes), compiled with the optimizer that runs the plan, made private."""
+    import keras
+
+    from ewtune_tf.nlp import models
+    from ewtune_tf.training import make_private
+
+    c, o = run.config, run.objects
+    o["model"] = model = models.dynamic_padding_model(o["classifier"], trim=not c.static_shapes)
+    o["optimizer"] = optimizer = opt_lib.make_optimizer(c, run.plan, o["classifier"], run.plan.steps)
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")] if c.report_train_metrics else None
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=metrics,
+        jit_compile=compute.model_jit_compile(c),
+    )
+    if run.plan.private:
+        make_private(model, physical_batch_size=c.physical_batch_size, report_train_metrics=c.report_train_metrics)
 
 
 def _batches(run: _Run):
@@ -297,6 +325,9 @@ def _private_batches(run: _Run, base_ds):
         replica_ids=cluster.replica_ids,
         seeded=c.sampling_seed is not None,
         total_steps=run.plan.steps,
+        # Static shapes: every shard padded to ceil(M / R) rows; a larger draw
+        # aborts the run (overflow="error"), which the report adds to delta.
+        max_batch_size=run.static_rows,
     )
     run.facts["sampler"] = sampler.report()
     return lambda epoch, first, stop: (sampler.batches(first, stop).map(sort_by_length), stop - first)

@@ -51,8 +51,8 @@ scaling, and Keras's dynamic LossScaleOptimizer skips steps and changes its
 scale according to whether the (private, un-noised) gradients overflowed --
 a data-dependent output outside the mechanism. Use ``mixed_bfloat16`` (same
 exponent range as float32, no loss scaling) or float32. Under
-``jit_compile=True`` XLA drops in-graph asserts, so the budget and state
-checks also run on the host before each step.
+``jit_compile=True`` and on TPUs XLA drops in-graph asserts, so the budget
+and state checks also run on the host before each step.
 
 Training metrics (loss, compiled metrics) are computed on the private batch
 and are *not* covered by the DP guarantee, so by default none are computed or
@@ -178,14 +178,14 @@ def _guarded_make_train_function(self, force=False):
     """Keras's make_train_function, plus a host-side guard under XLA.
 
     XLA compiles ``tf.debugging`` asserts away, so with ``jit_compile=True``
-    the in-graph checks of the private step (restored state matches the
+    or on a TPU the in-graph checks of the private step (restored state matches the
     configuration, budget cap, the finite-sum bug guard) do not run. The
     budget and configuration checks are then done on the host before every
     step. (Non-finite records need no assert: they are masked in-graph.)
     """
     type(self).make_train_function(self, force=force)
     fn = self.train_function
-    if fn is not None and self.jit_compile and not getattr(fn, "_ewtune_host_guard", False):
+    if fn is not None and _compiled_by_xla(self) and not getattr(fn, "_ewtune_host_guard", False):
 
         def guarded(iterator):
             # One call runs up to steps_per_execution private steps.
@@ -206,6 +206,11 @@ def check_before_steps(model, steps: int = 1) -> None:
     opt = _resolve_optimizer(model)
     opt.check_privacy_state()
     opt.check_budget(steps)
+
+
+def _compiled_by_xla(model) -> bool:
+    """``jit_compile``, or a TPU (whose steps XLA always compiles)."""
+    return bool(model.jit_compile) or isinstance(model.distribute_strategy, tf.distribute.TPUStrategy)
 
 
 def is_private(model) -> bool:

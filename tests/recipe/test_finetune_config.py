@@ -60,3 +60,48 @@ def test_every_plan_field_names_the_settings_that_set_it():
     constant = {"accountant_order", "certify", "record"}  # not settings (yet): always the defaults
     assert set(PLAN_SOURCES) == plan_fields - constant
     assert all(set(sources) <= fields for sources in PLAN_SOURCES.values())
+
+
+def test_precision_and_jit_compile_are_settings_of_every_entry_point():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, FinetuneConfig)
+    args = parser.parse_args(["--precision", "mixed_bfloat16", "--jit_compile"])
+    assert args.precision == "mixed_bfloat16" and args.jit_compile is True
+    assert parser.parse_args([]).precision == "float32" and parser.parse_args([]).jit_compile is False
+    with pytest.raises(ConfigError) as e:
+        FinetuneConfig(precision="float16")
+    assert e.value.render(flag_name).startswith("--precision must be one of ('float32', 'mixed_bfloat16'")
+    config = FinetuneConfig.from_mapping({"precision": "mixed_bfloat16", "jit_compile": True})
+    assert config.static_shapes and FinetuneConfig(strategy="tpu").static_shapes
+    assert not FinetuneConfig().static_shapes
+
+
+def test_mixed_float16_is_refused_for_private_runs_and_recommends_bfloat16():
+    with pytest.raises(ConfigError) as e:
+        FinetuneConfig(precision="mixed_float16")
+    message = e.value.render(flag_name)
+    assert message.startswith("--precision mixed_float16 is refused for private training")
+    assert "--precision mixed_bfloat16" in message and "loss scaling" in message
+    assert FinetuneConfig(precision="mixed_float16", no_dp=True).precision == "mixed_float16"  # nothing to protect
+
+
+def test_static_shapes_reserve_a_share_of_delta_for_the_batch_overflow():
+    from ewtune_tf.privacy.report import overflow_delta
+    from ewtune_tf.recipe.config import STATIC_BATCH_DELTA_SHARE, STATIC_BATCH_MULTIPLE
+
+    n = 67349
+    dynamic = FinetuneConfig()
+    assert dynamic.static_batch_rows(dynamic.privacy_plan(n)) is None
+    assert dynamic.privacy_plan(n).delta == dynamic.delta
+    config = FinetuneConfig(jit_compile=True)
+    plan = config.privacy_plan(n)
+    assert plan.delta == pytest.approx(config.delta * (1 - STATIC_BATCH_DELTA_SHARE))
+    rows = config.static_batch_rows(plan)
+    assert rows % STATIC_BATCH_MULTIPLE == 0 and config.batch_size < rows < 1.2 * config.batch_size
+    eps = plan.epsilon().epsilon
+    assert eps <= config.epsilon
+    assert overflow_delta(n, plan.sampling_probability, plan.steps, rows, eps) <= config.delta - plan.delta
+    assert overflow_delta(n, plan.sampling_probability, plan.steps, rows - STATIC_BATCH_MULTIPLE, eps) > (
+        config.delta - plan.delta
+    )  # the smallest such multiple
+    assert config.static_batch_rows(FinetuneConfig(jit_compile=True, no_dp=True).privacy_plan(n)) is None

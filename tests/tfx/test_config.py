@@ -64,11 +64,19 @@ def test_every_cli_setting_is_a_tfx_key_except_what_the_trainer_decides():
         ("text_feature", "", r"custom_config\['text_feature'\] must be a non-empty string"),
         ("output_dir", "x", r"unknown custom_config key\(s\) \['output_dir'\]"),
         ("bogus", 1, r"unknown custom_config key\(s\) \['bogus'\]"),
+        ("precision", "float16", r"custom_config\['precision'\] must be one of \('float32', 'mixed_bfloat16'"),
+        ("precision", "mixed_float16", r"custom_config\['precision'\] mixed_float16 is refused .* mixed_bfloat16"),
     ],
 )
 def test_bad_values_name_the_key(key, value, match):
     with pytest.raises(ValueError, match=match):
         parse_custom_config({key: value})
+
+
+def test_precision_and_xla_reach_the_trainer_config():
+    config = parse_custom_config({"precision": "mixed_bfloat16", "jit_compile": True}).finetune
+    assert config == _cli_config(["--precision", "mixed_bfloat16", "--jit_compile"])
+    assert config.static_shapes and config.precision == "mixed_bfloat16"
 
 
 def test_run_fn_rejects_bad_config_before_reading_anything():

@@ -315,3 +315,67 @@ def test_checkpoint_flags_validated(tmp_path, capsys):
     assert trainer.main(["--output_dir", str(out), "--sampling_seed", "-3"]) == 2
     assert "--sampling_seed must be" in capsys.readouterr().err.split("error:")[-1]
     assert not out.exists()
+
+
+def _trace_recorder(monkeypatch):
+    """Records, per trace of the train step, the shape it was traced for (and the classifier built)."""
+    from ewtune_tf.recipe import finetuning
+
+    seen = {"shapes": []}
+    compile_model = finetuning._compile
+
+    def compile_and_record(run):
+        compile_model(run)
+        model, step = run.objects["model"], run.objects["model"].train_step
+        seen["classifier"] = run.objects["classifier"]
+
+        def train_step(data):
+            seen["shapes"].append(tuple(data[0]["token_ids"].shape))  # Python runs once per trace
+            return step(data)
+
+        model.train_step = train_step
+
+    monkeypatch.setattr(finetuning, "_compile", compile_and_record)
+    return seen
+
+
+@pytest.mark.slow  # about a minute on CPU: XLA compiles the private step of the tiny BERT
+def test_jit_compile_runs_static_shapes_and_adds_the_overflow_to_delta(tmp_path, tiny_preset, capsys, monkeypatch):
+    """Issue 15.3 / 17.1: --jit_compile pads every Poisson batch to one row count
+    at the full sequence length (one trace, one XLA program), and the report's
+    delta is the accountant's plus the overflow term the plan reserved for."""
+    import keras
+
+    from ewtune_tf.privacy.report import overflow_delta
+
+    seen = _trace_recorder(monkeypatch)
+    flags = ("--jit_compile", "--precision", "mixed_bfloat16", "--max_steps", "3", "--physical_batch_size", "16")
+    rc = trainer.main(_base_args(tmp_path, tiny_preset, *flags, "--epochs", "1", "--no_export"))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "[shapes] static: Poisson batches padded to 48 rows x 32 tokens" in out
+    # One shape for every step, so one XLA program: the traces (tf.function traces a first call
+    # twice when it creates variables, here the optimizer's) do not grow with the steps.
+    assert set(seen["shapes"]) == {(48, 32)} and len(seen["shapes"]) <= 2
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+    assert seen["classifier"].dtype_policy.name == "mixed_bfloat16"
+    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())
+    assert report["certified"] and report["steps"] == 3 and report["sampler"]["max_batch_size"] == 48
+    assert report["delta_accountant"] == pytest.approx(1e-5 * (1 - 1e-3))
+    extra = overflow_delta(64, 0.25, 3, 48, report["epsilon"])
+    assert report["delta_batch_overflow"] == pytest.approx(extra) and extra > 0
+    assert report["delta"] == pytest.approx(report["delta_accountant"] + extra) and report["delta"] <= 1e-5
+
+
+def test_static_batch_overflow_stops_the_run_before_the_step(tmp_path, tiny_preset, capsys, monkeypatch):
+    """An overflow is never truncated: the run stops (exit 1) before that step, saying what happened."""
+    from ewtune_tf.recipe.config import FinetuneConfig
+
+    # B=16: overflows at once. (The padded batches without XLA: the overflow is the sampler's, before the model.)
+    monkeypatch.setattr(FinetuneConfig, "static_batch_rows", lambda self, plan: 8)
+    flags = ("--sampling_seed", "3", "--max_steps", "2", "--physical_batch_size", "8", "--no_export")
+    rc = trainer.main(_base_args(tmp_path, tiny_preset, *flags))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "a Poisson batch exceeded the static batch size of 8 rows" in err and "Rerun the same command" in err
+    assert not (tmp_path / "run" / "privacy_report.json").exists()
