@@ -342,6 +342,7 @@ def run(cfg: MainJobConfig) -> Dict:
         # this in-process one also counts the non-private step's state.
         "peak_memory_ratio": rss_both / rss_nonprivate,
         "in_process_peak_memory_ratio": rss_both / rss_nonprivate,
+        "memory_source": "process peak RSS (ru_maxrss) after both steps, one process: an upper bound",
         "cost_split": cost_split(medians, int(batch[3])) if cfg.cost_split else None,
     }
 
