@@ -338,8 +338,9 @@ def run(cfg: MainJobConfig) -> Dict:
         "all_seconds": times,
         "nonprivate_peak_rss_mb": rss_nonprivate,
         "peak_rss_mb": rss_both,
-        # Replaced by the ratio of two single-step processes (train_step.py):
-        # this in-process one also counts the non-private step's state.
+        # An upper bound (it also counts the non-private step's state);
+        # train_step.py replaces it, except under --quick, with the ratio of
+        # two single-step processes and keeps this one under its own name.
         "peak_memory_ratio": rss_both / rss_nonprivate,
         "in_process_peak_memory_ratio": rss_both / rss_nonprivate,
         "memory_source": "process peak RSS (ru_maxrss) after both steps, one process: an upper bound",
