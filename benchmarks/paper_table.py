@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Reads only the training split's size; --json then holds the plan (never resumed from).",
     )
     parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="Train nothing: merge results files of the same settings (runs trained in parallel lanes, e.g. "
+        "one --epsilons each, or on several machines) into --json (which, if it exists, is merged too) and "
+        "print the table. A run found twice, or files of other settings, are refused and nothing is written.",
+    )
+    parser.add_argument(
         "--output_dir",
         help="Root of the runs' output directories. Default: runs/paper_table (--quick: runs/paper_table_quick).",
     )
@@ -443,6 +451,51 @@ def _plan_runs(args: argparse.Namespace) -> tuple:
     return config, table, todo
 
 
+def merge_tables(paths: Sequence[str]) -> Dict[str, Any]:
+    """One table of the rows of several results files of the same settings.
+
+    The files are runs of one table trained apart (parallel lanes on one machine,
+    or several machines), each written by this script. Refused (ConfigError naming
+    ``--merge``): a file that is not a trained table, settings or ``--quick`` that
+    differ, or a run (task, rule, target epsilon) present in two files. The merged
+    table keeps every file's ``machine`` (``machines``, in file order: the wall
+    times of lanes that shared a machine are each longer than a run alone)."""
+    tables = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise ConfigError(f"{{merge}} {path!r} does not exist", "merge")
+        t = read_json(path)
+        if t.get("benchmark") != BENCHMARK or not isinstance(t.get("rows"), list):
+            raise ConfigError(f"{{merge}} {path!r} is not a {BENCHMARK} results file (a plan is not merged)", "merge")
+        tables.append(t)
+    first = tables[0]
+    for path, t in zip(paths[1:], tables[1:]):
+        old, new = first.get("settings") or {}, t.get("settings") or {}
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ or t.get("quick") != first.get("quick"):
+            raise ConfigError(
+                f"{{merge}} {path!r} holds rows of other settings than {paths[0]!r} (differing: {differ or ['quick']})",
+                "merge",
+            )
+    seen: Dict[tuple, str] = {}
+    rows = []
+    for path, t in zip(paths, tables):
+        for r in t["rows"]:
+            key = _key(r["task"], r["rule"], r["target_epsilon"])
+            if key in seen:
+                raise ConfigError(f"{{merge}} run {key} is in both {seen[key]!r} and {path!r}", "merge")
+            seen[key] = path
+            rows.append(r)
+    machines = [m for t in tables for m in (t.get("machines") or [t.get("machine")]) if m]
+    merged = {"benchmark": BENCHMARK, "quick": first.get("quick"), "settings": first.get("settings"), "rows": rows}
+    merged.update(machine=machines[0] if machines else None, machines=machines, merged_from=list(paths))
+    for key, pick in (("started", min), ("finished", max)):  # ISO timestamps sort as times
+        stamps = [t[key] for t in tables if t.get(key)]
+        if stamps:
+            merged[key] = pick(stamps)
+    return merged
+
+
 def _write(table: Dict[str, Any], args: argparse.Namespace) -> None:
     text = markdown(table)
     print(text, flush=True)
@@ -456,6 +509,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.output_dir = args.output_dir or ("runs/paper_table_quick" if args.quick else "runs/paper_table")
+    if args.merge:
+        if not args.json:
+            return cli_error(parser, ConfigError("{merge} needs --json, the merged results file to write", "merge"))
+        sources = list(args.merge) + ([args.json] if os.path.exists(args.json) else [])
+        try:
+            table = merge_tables(sources)
+        except ConfigError as e:
+            return cli_error(parser, e)
+        atomic_write_json(args.json, table)
+        _write(table, args)
+        return 0
     try:  # Every setting, task and target checked, and the data (and model) loaded, before the first run.
         config, table, todo = _plan_runs(args)
         if args.plan_only:

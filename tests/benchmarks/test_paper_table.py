@@ -164,3 +164,36 @@ def test_rerun_skips_finished_runs_and_other_settings_are_refused(quick, capsys)
     assert paper_table.main(argv + ["--learning_rate", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "--json" in err and "learning_rate" in err
+
+
+def test_merge_joins_lanes_and_refuses_duplicates_and_other_settings(quick, tmp_path, capsys):
+    _, _, table = quick
+    # Two lanes of the same table (e.g. one --epsilons each), each file as the script writes it.
+    lanes = []
+    for i, eps in enumerate((8.0, 3.0)):
+        lane = dict(table, rows=[r for r in table["rows"] if r["target_epsilon"] == eps])
+        lane["machine"] = dict(table["machine"], lane=i)
+        lanes.append(tmp_path / f"lane{i}.json")
+        lanes[-1].write_text(json.dumps(lane))
+    out = tmp_path / "merged.json"
+    argv = ["--merge", *map(str, lanes), "--json", str(out), "--markdown", str(tmp_path / "m.md")]
+    assert paper_table.main(argv) == 0
+    merged = json.loads(out.read_text())
+    assert len(merged["rows"]) == 6 and [m["lane"] for m in merged["machines"]] == [0, 1]
+    assert merged["settings"] == table["settings"] and "| 8 | edgeworth_paper |" in (tmp_path / "m.md").read_text()
+    # The merged file resumes like any results file: a third lane is merged into it.
+    third = tmp_path / "lane2.json"
+    third.write_text(json.dumps(dict(table, rows=[r for r in table["rows"] if r["target_epsilon"] == 1.0])))
+    assert paper_table.main(["--merge", str(third), "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["rows"]) == 9
+    capsys.readouterr()
+    # A run found twice, or another setting, is refused and nothing is written.
+    before = out.read_text()
+    assert paper_table.main(["--merge", str(lanes[0]), "--json", str(out)]) == 2
+    assert "--merge" in capsys.readouterr().err and out.read_text() == before
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(table, settings=dict(table["settings"], learning_rate=0.5), rows=[])))
+    assert paper_table.main(["--merge", str(lanes[0]), str(other), "--json", str(tmp_path / "x.json")]) == 2
+    assert "learning_rate" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    assert paper_table.main(["--merge", str(lanes[0])]) == 2  # no --json to write
+    assert "--json" in capsys.readouterr().err
