@@ -303,20 +303,31 @@ def machine() -> Dict[str, Any]:
     }
 
 
+def _read_results(path: str, flag: str) -> Dict[str, Any]:
+    """The results file at ``path`` (ConfigError naming ``flag`` if it is not one)."""
+    table = read_json(path)
+    if table.get("benchmark") != BENCHMARK or not isinstance(table.get("rows"), list):
+        raise ConfigError(f"{{{flag}}} {path!r} is not a {BENCHMARK} results file (a plan is not one)", flag)
+    return table
+
+
+def _differing(table: Dict[str, Any], settings: Dict[str, Any], quick: bool) -> List[str]:
+    """The settings (or "quick") in which ``table``'s rows differ from ``settings``; empty if none."""
+    old = table.get("settings") or {}
+    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    return differ or ([] if table.get("quick") == quick else ["quick"])
+
+
 def load_table(path: Optional[str], settings: Dict[str, Any], quick: bool) -> Dict[str, Any]:
     """The table in ``path`` (to resume), or a new one; refuses rows of other settings."""
     fresh = {"benchmark": BENCHMARK, "quick": quick, "settings": settings, "machine": None, "rows": []}
     if not path or not os.path.exists(path):
         return fresh
-    table = read_json(path)
-    if table.get("benchmark") != BENCHMARK or not isinstance(table.get("rows"), list):
-        raise ConfigError(f"{{json}} {path!r} is not a {BENCHMARK} results file; give another path", "json")
-    old = table.get("settings") or {}
-    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if differ or table.get("quick") != quick:
+    table = _read_results(path, "json")
+    differ = _differing(table, settings, quick)
+    if differ:
         raise ConfigError(
-            f"{{json}} {path!r} holds rows of other settings (differing: {differ or ['quick']}); "
-            "give another path or remove it",
+            f"{{json}} {path!r} holds rows of other settings (differing: {differ}); give another path or remove it",
             "json",
         )
     return table
@@ -460,22 +471,16 @@ def merge_tables(paths: Sequence[str]) -> Dict[str, Any]:
     differ, or a run (task, rule, target epsilon) present in two files. The merged
     table keeps every file's ``machine`` (``machines``, in file order: the wall
     times of lanes that shared a machine are each longer than a run alone)."""
-    tables = []
     for path in paths:
         if not os.path.exists(path):
             raise ConfigError(f"{{merge}} {path!r} does not exist", "merge")
-        t = read_json(path)
-        if t.get("benchmark") != BENCHMARK or not isinstance(t.get("rows"), list):
-            raise ConfigError(f"{{merge}} {path!r} is not a {BENCHMARK} results file (a plan is not merged)", "merge")
-        tables.append(t)
+    tables = [_read_results(path, "merge") for path in paths]
     first = tables[0]
     for path, t in zip(paths[1:], tables[1:]):
-        old, new = first.get("settings") or {}, t.get("settings") or {}
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if differ or t.get("quick") != first.get("quick"):
+        differ = _differing(t, first.get("settings") or {}, first.get("quick"))
+        if differ:
             raise ConfigError(
-                f"{{merge}} {path!r} holds rows of other settings than {paths[0]!r} (differing: {differ or ['quick']})",
-                "merge",
+                f"{{merge}} {path!r} holds rows of other settings than {paths[0]!r} (differing: {differ})", "merge"
             )
     seen: Dict[tuple, str] = {}
     rows = []
@@ -510,8 +515,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.output_dir = args.output_dir or ("runs/paper_table_quick" if args.quick else "runs/paper_table")
     if args.merge:
-        if not args.json:
-            return cli_error(parser, ConfigError("{merge} needs --json, the merged results file to write", "merge"))
+        if not args.json or args.plan_only:
+            error = (
+                "{merge} needs --json, the merged results file to write, and trains or plans nothing (no --plan_only)"
+            )
+            return cli_error(parser, ConfigError(error, "merge"))
         sources = list(args.merge) + ([args.json] if os.path.exists(args.json) else [])
         try:
             table = merge_tables(sources)

@@ -197,3 +197,5 @@ def test_merge_joins_lanes_and_refuses_duplicates_and_other_settings(quick, tmp_
     assert "learning_rate" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
     assert paper_table.main(["--merge", str(lanes[0])]) == 2  # no --json to write
     assert "--json" in capsys.readouterr().err
+    assert paper_table.main(["--merge", str(lanes[0]), "--json", str(tmp_path / "y.json"), "--plan_only"]) == 2
+    assert "--plan_only" in capsys.readouterr().err and not (tmp_path / "y.json").exists()
