@@ -35,6 +35,17 @@ from ewtune_tf.accounting import edgeworth, pllr, tilted
 
 FALLBACK_FLAG = "expansion_invalid_fell_back_to_pld"
 ADD_TILTED_FLAG = "add_direction_tilted"
+BELOW_RANGE_FLAG = "noise_below_accountant_range"
+
+# The smallest (accounted) noise multiplier the accountant evaluates. Below it
+# the per-step privacy loss spreads over ~1/sigma standard deviations, so the
+# cumulant grid (pllr.tilted_cumulants) and the PLD grow as 1/sigma^2: sigma
+# 1e-6 asked for an 18 TiB array in the middle of a training run, and sigma
+# 0.01 already takes ~45 s per epsilon on a 2-core CPU (for eps ~ 6e4 at the main
+# job's q = 0.03, 96 steps; 0.02 gives ~1.5e4 in ~12 s). A composition with
+# any sigma below it is reported with the trivial bound that holds for every
+# mechanism, epsilon = inf (delta = 1), certified and flagged BELOW_RANGE_FLAG.
+MIN_ACCOUNTED_NOISE_MULTIPLIER = 0.02
 
 # Self-check thresholds for the tilted estimate (tuned on the benchmark grid,
 # see benchmarks/accountant.py): the relative change of eps between the first-
@@ -253,6 +264,17 @@ def _for_components(
         estimate, upper_bound, names = estimate_epsilon, certify_lib.epsilon_upper_bound, ("epsilon", "delta")
     else:
         estimate, upper_bound, names = estimate_delta, certify_lib.delta_upper_bound, ("delta", "epsilon")
+    if any(sigma < MIN_ACCOUNTED_NOISE_MULTIPLIER for _, sigma, _ in components):
+        trivial = math.inf if result_type is EpsilonResult else 1.0
+        return result_type(
+            **{names[0]: trivial, names[1]: float(target)},
+            certified=True,
+            method="trivial",
+            estimate=trivial,
+            estimate_method="trivial",
+            flags=(BELOW_RANGE_FLAG,),
+            seconds=time.perf_counter() - start,
+        )
     est, flags = estimate(components, target, method, order)
     a = _settle(est, flags, method, order, certify, lambda **kw: upper_bound(components, target, **kw), pld_interval)
     values = {names[0]: a.value, names[1]: float(target)}

@@ -129,6 +129,11 @@ def build_report(plan, steps_taken: int, run: Optional[RunFacts] = None) -> Dict
     result = _accountant_result(plan, steps_taken)
     if result is not None and not result.certified and plan.certify:
         reasons.append("the accountant could not certify epsilon; it is an estimate")
+    if result is not None and not math.isfinite(result.epsilon):
+        reasons.append(
+            f"no finite epsilon: the accounted noise multiplier {plan.accounted_noise_multiplier:g} is below "
+            "the accountant's range; the only bound is the trivial epsilon = inf (no meaningful guarantee)"
+        )
     eps = _epsilon(plan, steps_taken, result)
     overflow = _overflow_delta(plan, run.sampler, steps_taken, eps)
     report = {
@@ -138,7 +143,7 @@ def build_report(plan, steps_taken: int, run: Optional[RunFacts] = None) -> Dict
         "certified": not reasons,
         "uncertified_because": reasons,
         "epsilon": eps,
-        "epsilon_estimate": eps if result is None else float(result.estimate),
+        "epsilon_estimate": eps if result is None else _finite(result.estimate),
         "delta": None if plan.delta is None or overflow is None else plan.delta + overflow,
         "delta_accountant": plan.delta,
         "delta_batch_overflow": overflow,
@@ -223,9 +228,14 @@ def _accountant_result(plan, steps: int):
     return plan.epsilon(steps)
 
 
+def _finite(value: float) -> Optional[float]:
+    """``value``, or None (JSON null) where it is infinite: a report is strict JSON."""
+    return float(value) if math.isfinite(value) else None
+
+
 def _epsilon(plan, steps: int, result) -> Optional[float]:
     if result is not None:
-        return float(result.epsilon)
+        return _finite(result.epsilon)
     if steps == 0 and plan.private:
         return 0.0  # nothing released yet
     return None
@@ -292,8 +302,8 @@ def _overflow_delta(plan, sampler, steps: int, eps: Optional[float]) -> Optional
 
 def history_entry(epoch: int, steps: int, result) -> Dict[str, Any]:
     """One ``epsilon_history`` entry (``result``: an EpsilonResult, or None before any step)."""
-    eps = 0.0 if result is None else float(result.epsilon)
-    est = 0.0 if result is None else float(result.estimate)
+    eps = 0.0 if result is None else _finite(result.epsilon)
+    est = 0.0 if result is None else _finite(result.estimate)
     return {"epoch": int(epoch), "steps": int(steps), "epsilon": eps, "epsilon_estimate": est}
 
 

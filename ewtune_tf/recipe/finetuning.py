@@ -36,6 +36,7 @@ import os
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
+from ewtune_tf import accounting
 from ewtune_tf.privacy import PrivacyPlan, Release, RunFacts
 from ewtune_tf.recipe import checkpoint as ckpt_lib
 from ewtune_tf.recipe import cluster as cluster_lib
@@ -188,9 +189,22 @@ def _prepare(config: FinetuneConfig, train, dev, t_start: float) -> _Run:
     if plan.private:
         _log(
             f"[privacy] q={plan.sampling_probability:.5g} (B={config.batch_size}, N={len(train)}), steps={plan.steps}, "
-            f"sigma={plan.noise_multiplier:.4f} ({plan.noise_multiplier_rule}); delta={plan.delta:g}"
+            f"sigma={plan.noise_multiplier:.4g} ({plan.noise_multiplier_rule}); delta={plan.delta:g}"
             + (f", target epsilon {plan.target_epsilon:g}" if plan.target_epsilon is not None else "")
         )
+        if plan.target_epsilon is None:
+            # A given sigma: say what it is worth before the first update.
+            eps = plan.epsilon()
+            _log(
+                f"[privacy] sigma {plan.noise_multiplier:.4g} over {plan.steps} steps: certified epsilon <= "
+                f"{eps.epsilon:.4g} at delta {plan.delta:g}"
+                + (
+                    f" (the trivial bound: accounted sigma below {accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER:g}, "
+                    "no meaningful guarantee)"
+                    if accounting.BELOW_RANGE_FLAG in eps.flags
+                    else ""
+                )
+            )
     else:
         _log("[privacy] no_dp: NON-PRIVATE baseline (no clipping, no noise); no epsilon.")
     state = ckpt_lib.decide_resume(config, plan)
@@ -581,7 +595,7 @@ def _finish(run: _Run) -> FinetuneResult:
     if not run.cluster.chief:
         return FinetuneResult(run.config, run.plan, report, _metrics(run, steps, {}, None), o["classifier"], None)
     dev = {s: models.accuracy(o["classifier"], o["dev_tokens"][s], d.labels) for s, d in run.devs.items()}
-    if run.plan.private and steps:
+    if run.plan.private and steps and report["epsilon"] is not None:  # null: no finite epsilon to plot
         monitoring.privacy_plot(run.path("privacy.png"), run.plan, steps)
     atomic_write_json(run.path(PRIVACY_REPORT), report)
     export_path = _export(run, report)

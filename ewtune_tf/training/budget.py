@@ -189,10 +189,11 @@ class PrivacyBudget(keras.callbacks.Callback):
         steps = int(opt.dp_steps.numpy())
         result = self.epsilon(steps)
         entry = history_entry(epoch, steps, result)
-        eps, est = entry["epsilon"], entry["epsilon_estimate"]
         if steps and not self.plan().private:
-            eps = est = math.inf  # No noise: no finite epsilon (the history keeps null).
             entry.update(epsilon=None, epsilon_estimate=None)
+        # No finite epsilon (no noise, or a sigma below the accountant's range):
+        # the history keeps null, the optimizer's state and the logs inf.
+        eps, est = (math.inf if v is None else v for v in (entry["epsilon"], entry["epsilon_estimate"]))
         certified = result is None or bool(result.certified)
         self.history.append(entry)
         opt.dp_epsilon.assign(eps if certified else -1.0)

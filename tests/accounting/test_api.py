@@ -138,3 +138,16 @@ def test_plain_gaussian_matches_closed_form():
     r = compute_epsilon(sampling_probability=1.0, noise_multiplier=sigma, steps=m, delta=delta)
     assert r.estimate == pytest.approx(exact, rel=1e-8)
     assert exact <= r.epsilon <= exact * 1.005 and r.certified
+
+
+@pytest.mark.parametrize("sigma", [1e-6, 0.019])
+def test_a_sigma_below_the_range_gets_the_trivial_bound_at_once(sigma):
+    # sigma 1e-6 once asked pllr for an 18 TiB grid (it grows as 1/sigma^2).
+    common = dict(sampling_probability=0.03, noise_multiplier=sigma, steps=96)
+    eps = compute_epsilon(delta=1e-5, **common)
+    assert eps.epsilon == np.inf and eps.certified and eps.method == "trivial"
+    assert eps.flags == (api.BELOW_RANGE_FLAG,) and eps.seconds < 1.0
+    assert compute_delta(epsilon=8.0, **common).delta == 1.0
+    # At the boundary the accountant still computes a finite certified epsilon.
+    edge = {**common, "noise_multiplier": api.MIN_ACCOUNTED_NOISE_MULTIPLIER, "steps": 1}
+    assert np.isfinite(compute_epsilon(delta=1e-5, **edge).epsilon)

@@ -58,3 +58,29 @@ def test_head_clip_groups_match_only_the_head(tiny_preset):
     assert matched == head and share == 0.3
     assert len(classifier.trainable_variables) > len(head)  # LoRA weights form the other group
     assert optimization.head_clip_groups(classifier, None) is None
+
+
+def test_a_given_sigma_below_the_accountants_range_trains_with_the_trivial_bound(tmp_path, tiny_preset, capsys):
+    # A near-noise-free diagnostic run (sigma 1e-6 once asked the accountant for an
+    # 18 TiB grid at the first progress line): the plan says what the sigma is worth
+    # before the first update, and the run reports the trivial bound epsilon = inf.
+    config = FinetuneConfig(
+        model=tiny_preset,
+        batch_size=16,
+        physical_batch_size=8,
+        max_steps=2,
+        sequence_length=32,
+        noise_multiplier=1e-6,
+        output_dir=str(tmp_path / "run"),
+        no_export=True,
+    )
+    result = finetune(config, _texts("train"), {"dev": _texts("dev")})
+    out = capsys.readouterr().out
+    plan_line = next(line for line in out.splitlines() if "sigma 1e-06 over 2 steps" in line)
+    assert "certified epsilon <= inf" in plan_line and "no meaningful guarantee" in plan_line
+    assert out.index(plan_line) < out.index("[train]")
+    assert result.steps == 2 and result.epsilon == float("inf")
+    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())  # strict JSON: no Infinity
+    assert report["private"] and not report["certified"] and report["epsilon"] is None
+    assert any("trivial epsilon = inf" in why for why in report["uncertified_because"])
+    assert certified_epsilon(report)[0] is None
