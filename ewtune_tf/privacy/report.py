@@ -165,7 +165,7 @@ def build_report(plan, steps_taken: int, run: Optional[RunFacts] = None) -> Dict
             "method": plan.accountant,
             "order": plan.accountant_order,
             "certify": plan.certify,
-            "result": None if result is None else result.to_dict(),
+            "result": None if result is None else _strict_json(result.to_dict()),
         },
         "calibration": None if plan.calibration is None else dict(plan.calibration),
         "sampler": None if run.sampler is None else dict(run.sampler),
@@ -231,6 +231,11 @@ def _accountant_result(plan, steps: int):
 def _finite(value: float) -> Optional[float]:
     """``value``, or None (JSON null) where it is infinite: a report is strict JSON."""
     return float(value) if math.isfinite(value) else None
+
+
+def _strict_json(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """``fields`` with infinite numbers as None (e.g. the trivial bound epsilon = inf)."""
+    return {k: _finite(v) if isinstance(v, float) else v for k, v in fields.items()}
 
 
 def _epsilon(plan, steps: int, result) -> Optional[float]:

@@ -28,16 +28,14 @@ def _texts(split):
     return TextExamples(data.texts, data.labels, ("sentence",), ("negative", "positive"), source="fixture")
 
 
+def _config(tmp_path, preset, **changes) -> FinetuneConfig:
+    """A tiny run on the fixture data: B = 16 of 64 examples, writing under ``tmp_path``."""
+    sizes = dict(model=preset, batch_size=16, physical_batch_size=8, sequence_length=32)
+    return FinetuneConfig(**sizes, output_dir=str(tmp_path / "run"), **changes)
+
+
 def test_finetune_from_python_on_given_data(tmp_path, tiny_preset):
-    config = FinetuneConfig(
-        model=tiny_preset,
-        batch_size=16,
-        physical_batch_size=8,
-        epochs=1,
-        sequence_length=32,
-        output_dir=str(tmp_path / "run"),
-        export_dir=str(tmp_path / "saved_models"),
-    )
+    config = _config(tmp_path, tiny_preset, epochs=1, export_dir=str(tmp_path / "saved_models"))
     result = finetune(config, _texts("train"), {"dev": _texts("dev")})
     assert result.steps == 4 and result.plan.steps == 4 and 0 <= result.dev_accuracy <= 1
     assert result.report["certified"] and certified_epsilon(result.report)[0] == result.epsilon <= 8.0
@@ -64,23 +62,15 @@ def test_a_given_sigma_below_the_accountants_range_trains_with_the_trivial_bound
     # A near-noise-free diagnostic run (sigma 1e-6 once asked the accountant for an
     # 18 TiB grid at the first progress line): the plan says what the sigma is worth
     # before the first update, and the run reports the trivial bound epsilon = inf.
-    config = FinetuneConfig(
-        model=tiny_preset,
-        batch_size=16,
-        physical_batch_size=8,
-        max_steps=2,
-        sequence_length=32,
-        noise_multiplier=1e-6,
-        output_dir=str(tmp_path / "run"),
-        no_export=True,
-    )
+    config = _config(tmp_path, tiny_preset, max_steps=2, noise_multiplier=1e-6, no_export=True)
     result = finetune(config, _texts("train"), {"dev": _texts("dev")})
     out = capsys.readouterr().out
     plan_line = next(line for line in out.splitlines() if "sigma 1e-06 over 2 steps" in line)
     assert "certified epsilon <= inf" in plan_line and "no meaningful guarantee" in plan_line
     assert out.index(plan_line) < out.index("[train]")
     assert result.steps == 2 and result.epsilon == float("inf")
-    report = json.loads((tmp_path / "run" / "privacy_report.json").read_text())  # strict JSON: no Infinity
+    text = (tmp_path / "run" / "privacy_report.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"privacy_report.json is not strict JSON: {c}"))
     assert report["private"] and not report["certified"] and report["epsilon"] is None
     assert any("trivial epsilon = inf" in why for why in report["uncertified_because"])
     assert certified_epsilon(report)[0] is None
