@@ -130,9 +130,11 @@ def build_report(plan, steps_taken: int, run: Optional[RunFacts] = None) -> Dict
     if result is not None and not result.certified and plan.certify:
         reasons.append("the accountant could not certify epsilon; it is an estimate")
     if result is not None and not math.isfinite(result.epsilon):
+        # Said as what holds (no finite bound), with the sigma that explains it:
+        # the accountant's range (accounting.MIN_ACCOUNTED_NOISE_MULTIPLIER) is the known cause.
         reasons.append(
-            f"no finite epsilon: the accounted noise multiplier {plan.accounted_noise_multiplier:g} is below "
-            "the accountant's range; the only bound is the trivial epsilon = inf (no meaningful guarantee)"
+            "no finite epsilon: the only bound is the trivial epsilon = inf (no meaningful guarantee); "
+            f"accounted noise multiplier {plan.accounted_noise_multiplier:g}"
         )
     eps = _epsilon(plan, steps_taken, result)
     overflow = _overflow_delta(plan, run.sampler, steps_taken, eps)
